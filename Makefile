@@ -1,0 +1,19 @@
+# The two quick-start commands: `make demo` and `make test`. Each sets up .venv (CPU torch from
+# constraints-cpu.txt, fused_lr editable, the CUDA extension compiled where nvcc is found).
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/fused-lr: pyproject.toml setup.py constraints-cpu.txt CMakeLists.txt
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints-cpu.txt -e ".[demo,test]"
+
+.PHONY: demo test bench
+demo: $(BIN)/fused-lr
+	$(BIN)/fused-lr demo
+
+test: $(BIN)/fused-lr
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+bench: $(BIN)/fused-lr
+	$(BIN)/pytest benchmarks/ --benchmark-only

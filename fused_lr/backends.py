@@ -1,0 +1,75 @@
+"""The one place backends register. Each entry names a module with a ``load()`` that returns
+the backend class or raises :class:`BackendUnavailable` saying why it cannot run here."""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+import torch
+
+from .plan import Backend
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+# name -> module defining load(); order within each device's preference list below.
+_MODULES = {
+    "reference": "fused_lr.reference",
+    "numba": "fused_lr.kernels.numba_step",
+    "triton": "fused_lr.kernels.triton_step",
+    "cuda": "fused_lr.cuda_backend",
+}
+NAMES = tuple(_MODULES)
+# what backend="auto" picks, best first, by the parameters' device type
+_AUTO = {"cuda": ("cuda", "triton", "reference"), "cpu": ("numba", "reference")}
+
+
+@cache
+def _load(name: str):
+    """The backend class, or the reason (a string) it is unavailable."""
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ImportError as e:
+        return f"cannot import {_MODULES[name]}: {e}"
+    try:
+        return module.load()
+    except BackendUnavailable as e:
+        return str(e)
+
+
+def available_backends() -> dict[str, bool | str]:
+    """``name -> True`` for each usable backend, ``name -> "reason"`` for each missing one."""
+    return {name: True if not isinstance(r := _load(name), str) else r for name in NAMES}
+
+
+def devices(name: str) -> frozenset[str]:
+    """Device types an available backend runs on (empty when it is unavailable)."""
+    cls = _load(name)
+    return frozenset() if isinstance(cls, str) else cls.devices
+
+
+def check_name(name: str) -> None:
+    if name != "auto" and name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto', *NAMES)}")
+    if name != "auto" and isinstance(reason := _load(name), str):
+        raise RuntimeError(f"backend {name!r} is unavailable: {reason}")
+
+
+def create(name: str, device: torch.device) -> Backend:
+    """A fresh backend instance for parameters on ``device`` (one per optimizer: they cache)."""
+    check_name(name)
+    if name == "auto":
+        for candidate in _AUTO.get(device.type, ("reference",)):
+            cls = _load(candidate)
+            if not isinstance(cls, str) and device.type in cls.devices:
+                return cls()
+        raise RuntimeError(f"no backend runs on {device.type} tensors here: {available_backends()}")
+    cls = _load(name)
+    if device.type not in cls.devices:
+        raise RuntimeError(
+            f"backend {name!r} runs on {sorted(cls.devices)} tensors, but the parameters are on {device}"
+        )
+    return cls()

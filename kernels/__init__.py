@@ -1,0 +1,1 @@
+"""Compiled kernels, installed as ``fused_lr.kernels``: Triton (GPU) and Numba (CPU)."""
