@@ -151,10 +151,6 @@ class FusedSGD(Optimizer):
                 if g.is_sparse:
                     raise RuntimeError(f"param group {gi}, parameter {i}: FusedSGD does not support sparse "
                                        f"gradients")
-                if g.shape != p.shape or g.device != p.device or g.dtype != p.dtype:
-                    raise RuntimeError(f"param group {gi}, parameter {i}: gradient {g.dtype} {tuple(g.shape)} on "
-                                       f"{g.device} does not match the parameter {p.dtype} {tuple(p.shape)} on "
-                                       f"{p.device}")
                 devices.add(p.device)
                 params.append(p)
                 grads.append(g)

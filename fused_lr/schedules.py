@@ -143,7 +143,7 @@ class Exponential(Schedule):
     gamma: float
 
     def __post_init__(self):
-        _check(isinstance(self.gamma, (int, float)) and 0 < self.gamma and math.isfinite(self.gamma),
+        _check(isinstance(self.gamma, (int, float)) and self.gamma > 0 and math.isfinite(self.gamma),
                f"Exponential gamma must be a positive finite number, got {self.gamma!r}")
 
     def __call__(self, k):
