@@ -68,6 +68,15 @@ class Schedule:
         return len(rows) == 1 and rows[0][1] == CONST and rows[0][2][0] == 1.0
 
     def table(self) -> np.ndarray:
+        """The kernel table, built once per schedule (schedules are immutable) and read-only."""
+        cached = self.__dict__.get("_table")
+        if cached is None:
+            cached = self._build_table()
+            cached.setflags(write=False)
+            self.__dict__["_table"] = cached  # bypasses the frozen dataclass on purpose
+        return cached
+
+    def _build_table(self) -> np.ndarray:
         rows = self.segments()
         if len(rows) > MAX_SEGMENTS:
             raise ValueError(
