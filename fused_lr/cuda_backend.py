@@ -63,8 +63,12 @@ def _dense(t: torch.Tensor) -> bool:
 
 def _upload(array: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(device copy, pinned source): an asynchronous copy, so no host sync. The source is kept
-    by the caller, since a copy captured in a CUDA graph reads it again at every replay."""
-    host = torch.from_numpy(array).pin_memory()
+    by the caller, since a copy captured in a CUDA graph reads it again at every replay. (On a
+    CPU device, where the host tests build layouts, it is the array itself.)"""
+    host = torch.from_numpy(array)
+    if device.type != "cuda":
+        return host, host
+    host = host.pin_memory()
     return host.to(device, non_blocking=True), host
 
 
@@ -108,19 +112,21 @@ class _Layout:
                     f"gradient and momentum buffer must be dense with equal strides; got strides "
                     f"{[t.stride() for t in tensors]}")
             if not self.buckets or self.buckets[-1].dtype != dtype:
-                done = self.buckets[-1].first_partial + self.buckets[-1].n_chunks if self.buckets else 0
-                self.buckets.append(_Bucket(dtype, r, 0, 0, done))
+                self.buckets.append(_Bucket(dtype, r, 0, 0, 0))
             self.buckets[-1].n_tensors += 1
+        self.n_chunks = 0
         for b in self.buckets:
             first, b.n_chunks = chunk_layout(rows[b.first_row:b.first_row + b.n_tensors, NUMEL].tolist())
             rows[b.first_row:b.first_row + b.n_tensors, FIRST_CHUNK] = first
             if b.n_chunks >= 1 << 31:
                 raise RuntimeError("cuda backend: too many parameters for one launch grid")
+            b.first_partial = self.n_chunks
+            self.n_chunks += b.n_chunks
         self.n_tensors = len(entries)
-        self.n_chunks = sum(b.n_chunks for b in self.buckets)
         self.table, self._pinned = _upload(rows, plan.device)
-        # the norm's per-block partial sums
-        self.partials = torch.empty(max(self.n_chunks, 1), dtype=torch.float64, device=plan.device)
+        # the norm pass's per-block partial sums, one per chunk of every bucket
+        self.partials = None if with_state else torch.empty(max(self.n_chunks, 1), dtype=torch.float64,
+                                                            device=plan.device)
 
     def row_ptr(self, bucket: _Bucket) -> int:
         return self.table.data_ptr() + bucket.first_row * TABLE_COLS * self.table.element_size()

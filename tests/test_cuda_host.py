@@ -5,6 +5,7 @@ csrc/fused_lr_math.h holds everything the kernels compute per element or per blo
 (csrc/tests/host_math.cpp) with the system C++ compiler and holds its answers to the Python
 oracles: ``fused_lr.schedules.eval_table`` for the schedule tables, ``fused_lr.reference`` for
 the update and the gradient norm, and ``cuda_backend.chunk_layout`` for the chunk indexing.
+It also builds the device tables of cuda_backend on CPU tensors and checks their rows.
 What it cannot check is the device-only part (launches, the block reduction, found_inf
 skipping); tests/test_parity.py and tests/test_gpu_step.py do that where a GPU exists.
 """
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from fused_lr import cuda_backend as cb
 from fused_lr import schedules as S
 from fused_lr.cuda_backend import chunk_layout, group_row
 from fused_lr.plan import GroupPlan, StepPlan
@@ -212,3 +214,72 @@ def test_chunks_cover_every_element_once(host, chunk_size):
     assert all((s == 1).all() for s in seen)
     # chunks run through the tensors in table order, so a block's tensor is found by search
     assert (np.diff(triples[:, 0]) >= 0).all()
+
+
+# ---------------------------------------------------------------------------- the device table
+def _layout_plan():
+    """Two groups mixing dtypes, an empty tensor, and momentum on one group only."""
+    gen = torch.Generator().manual_seed(0)
+
+    def param(n, dtype):
+        p = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+        return p, torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+
+    specs = [[(70_000, torch.float32), (0, torch.float64), (5, torch.bfloat16), (200_000, torch.float64)],
+             [(65_536, torch.float32), (3, torch.float64)]]
+    groups = []
+    for gi, spec in enumerate(specs):
+        params, grads = zip(*(param(n, dt) for n, dt in spec), strict=True)
+        mom = 0.9 if gi == 0 else 0.0
+        groups.append(GroupPlan(
+            params=list(params), grads=list(grads), bufs=[torch.zeros_like(p) for p in params] if mom else [],
+            fresh=[True] * len(params) if mom else [], steps=[torch.zeros(()) for _ in params], lr=0.1,
+            momentum=mom, dampening=0.0, nesterov=False, weight_decay=0.0, decoupled_weight_decay=False,
+            maximize=False, schedule=S.Constant()))
+    return StepPlan(groups=groups, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["norm", "update"])
+def test_layout_rows_and_buckets(with_state):
+    plan = _layout_plan()
+    lay = cb._Layout(plan, with_state)
+    rows = lay.table.numpy()
+    tensors = [(gi, i, p) for gi, g in enumerate(plan.groups) for i, p in enumerate(g.params)]
+    assert lay.n_tensors == len(rows) == len(tensors)
+    # one bucket per dtype, in dtype-code order, together covering every row once
+    assert [b.dtype for b in lay.buckets] == sorted({cb.DTYPES[p.dtype] for _, _, p in tensors})
+    assert [b.first_row for b in lay.buckets] == list(np.cumsum([0] + [b.n_tensors for b in lay.buckets])[:-1])
+    assert sum(b.n_tensors for b in lay.buckets) == len(rows)
+    # each bucket is chunked on its own; the partial sums of the buckets follow one another
+    assert [b.first_partial for b in lay.buckets] == list(np.cumsum([0] + [b.n_chunks for b in lay.buckets])[:-1])
+    assert lay.n_chunks == sum(-(-p.numel() // cb.CHUNK_SIZE) for _, _, p in tensors)
+    dtype_of = {p.data_ptr(): cb.DTYPES[p.dtype] for _, _, p in tensors}
+    for b in lay.buckets:
+        sub = rows[b.first_row:b.first_row + b.n_tensors]
+        assert all(dtype_of[int(r[cb.PARAM])] == b.dtype for r in sub)
+        first, total = chunk_layout(sub[:, cb.NUMEL].tolist())
+        assert sub[:, cb.FIRST_CHUNK].tolist() == first and b.n_chunks == total
+    by_param = {int(r[cb.PARAM]): r for r in rows}
+    for gi, i, p in tensors:
+        group, r = plan.groups[gi], by_param[p.data_ptr()]
+        assert (r[cb.GRAD], r[cb.NUMEL], r[cb.GROUP]) == (group.grads[i].data_ptr(), p.numel(), gi)
+        has_buf = with_state and group.momentum != 0
+        assert r[cb.STEP] == (group.steps[i].data_ptr() if with_state else 0)
+        assert r[cb.BUF] == (group.bufs[i].data_ptr() if has_buf else 0)
+        assert r[cb.FRESH] == (1 if has_buf else 0)
+    assert (lay.partials is None) == with_state
+    if not with_state:
+        assert lay.partials_ptr(lay.buckets[-1]) == lay.partials.data_ptr() + 8 * lay.buckets[-1].first_partial
+
+
+def test_layout_rejects_strided_tensors():
+    plan = _layout_plan()
+    p = torch.randn(6, 4, dtype=torch.float32)
+    plan.groups[1].params[0] = p.t()  # a transposed view is dense, but the gradient is not laid out alike
+    plan.groups[1].grads[0] = torch.randn(4, 6, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="dense with equal strides"):
+        cb._Layout(plan, with_state=False)
+    plan.groups[1].params[0] = torch.randn(8, 6)[::2]  # not dense
+    plan.groups[1].grads[0] = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="dense with equal strides"):
+        cb._Layout(plan, with_state=False)
