@@ -33,7 +33,7 @@ _UNBUILT = Path(__file__).with_name("_cuda_unbuilt.txt")
 _ext = None  # fused_lr._cuda once load() succeeded
 
 
-def chunk_layout(numels: list[int], chunk_size: int = CHUNK_SIZE) -> tuple[list[int], int]:
+def chunk_layout(numels: list[int], chunk_size: int) -> tuple[list[int], int]:
     """Each tensor's first chunk (block) and the number of chunks: tensor i owns the chunks
     ``first[i] .. first[i] + ceil(numels[i] / chunk_size) - 1``."""
     first, total = [], 0
@@ -114,9 +114,11 @@ class _Layout:
             if not self.buckets or self.buckets[-1].dtype != dtype:
                 self.buckets.append(_Bucket(dtype, r, 0, 0, 0))
             self.buckets[-1].n_tensors += 1
+        self.chunk_size = CHUNK_SIZE
         self.n_chunks = 0
         for b in self.buckets:
-            first, b.n_chunks = chunk_layout(rows[b.first_row:b.first_row + b.n_tensors, NUMEL].tolist())
+            first, b.n_chunks = chunk_layout(rows[b.first_row:b.first_row + b.n_tensors, NUMEL].tolist(),
+                                             self.chunk_size)
             rows[b.first_row:b.first_row + b.n_tensors, FIRST_CHUNK] = first
             if b.n_chunks >= 1 << 31:
                 raise RuntimeError("cuda backend: too many parameters for one launch grid")
@@ -158,6 +160,12 @@ def _float_ptr(t: torch.Tensor | None, device: torch.device, keep: list) -> int:
     return t.data_ptr()
 
 
+def _stream(device: torch.device) -> int:
+    """The device's current torch stream as the integer handle the kernels are launched on. (The
+    extension selects the device itself, in its own CUDA runtime, from ``device.index``.)"""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 class CudaBackend:
     name = "cuda"
     devices = frozenset({"cuda"})
@@ -193,14 +201,12 @@ class CudaBackend:
         keep = []
         grad_scale = _float_ptr(plan.grad_scale, plan.device, keep)
         clip = plan.clip_value
-        with torch.cuda.device(plan.device):
-            stream = torch.cuda.current_stream(plan.device).cuda_stream
-            _ext.set_device(plan.device.index)
-            for b in lay.buckets:
-                _ext.norm_partials(b.dtype, lay.row_ptr(b), b.n_tensors, b.n_chunks, CHUNK_SIZE, grad_scale,
-                                   clip is not None, clip or 0.0, lay.partials_ptr(b), stream)
-            _ext.norm_finish(lay.partials.data_ptr(), lay.n_chunks, norm.data_ptr(), norm.dtype == torch.float64,
-                             stream)
+        stream = _stream(plan.device)
+        _ext.set_device(plan.device.index)
+        for b in lay.buckets:
+            _ext.norm_partials(b.dtype, lay.row_ptr(b), b.n_tensors, b.n_chunks, lay.chunk_size, grad_scale,
+                               clip is not None, clip or 0.0, lay.partials_ptr(b), stream)
+        _ext.norm_finish(lay.partials.data_ptr(), lay.n_chunks, norm.data_ptr(), norm.dtype == torch.float64, stream)
         return norm
 
     def update(self, plan: StepPlan, norm: torch.Tensor | None) -> None:
@@ -213,16 +219,15 @@ class CudaBackend:
         grad_scale = _float_ptr(plan.grad_scale, plan.device, keep)
         found_inf = _float_ptr(plan.found_inf, plan.device, keep)
         clip = plan.clip_value
-        with torch.cuda.device(plan.device):
-            stream = torch.cuda.current_stream(plan.device).cuda_stream
-            _ext.set_device(plan.device.index)
-            for b in lay.buckets:
-                _ext.update(b.dtype, lay.row_ptr(b), b.n_tensors, b.n_chunks, CHUNK_SIZE, sched.data_ptr(),
-                            hyper.data_ptr(), 0 if norm is None else norm.data_ptr(),
-                            norm is not None and norm.dtype == torch.float64, plan.max_grad_norm or 0.0,
-                            clip is not None, clip or 0.0, grad_scale, found_inf, stream)
-            # after every block of the update has read the old counts (stream order)
-            _ext.increment_steps(lay.table.data_ptr(), lay.n_tensors, found_inf, stream)
+        stream = _stream(plan.device)
+        _ext.set_device(plan.device.index)
+        for b in lay.buckets:
+            _ext.update(b.dtype, lay.row_ptr(b), b.n_tensors, b.n_chunks, lay.chunk_size, sched.data_ptr(),
+                        hyper.data_ptr(), 0 if norm is None else norm.data_ptr(),
+                        norm is not None and norm.dtype == torch.float64, plan.max_grad_norm or 0.0,
+                        clip is not None, clip or 0.0, grad_scale, found_inf, stream)
+        # after every block of the update has read the old counts (stream order)
+        _ext.increment_steps(lay.table.data_ptr(), lay.n_tensors, found_inf, stream)
 
 
 def load():
