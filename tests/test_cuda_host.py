@@ -361,8 +361,8 @@ def _twin_params(dtypes_from):
 @pytest.mark.parametrize("case", list(TWIN_CASES))
 def test_backend_end_to_end_on_the_host_twin(twin, monkeypatch, case, mixed):
     """FusedSGD on CudaBackend (host twin) vs FusedSGD on the reference: 6 steps, the first one
-    skipped by found_inf (so buffers are fresh at k=0 later), then GradScaler-style scaled
-    gradients, two groups with their own lr and schedule."""
+    skipped by found_inf (its buffers then start at k = 0), GradScaler-style scaled gradients,
+    two groups with their own lr, schedule and momentum."""
     monkeypatch.setattr(cb, "_ext", twin)
     monkeypatch.setattr(cb, "_stream", lambda device: 0)
     monkeypatch.setattr(cb, "CHUNK_SIZE", TWIN_CHUNK)
@@ -371,13 +371,16 @@ def test_backend_end_to_end_on_the_host_twin(twin, monkeypatch, case, mixed):
     runs = {}
     for name in ("reference", "twin"):
         params = [p.requires_grad_() for p in _twin_params(dtypes_from)]
-        opt = FusedSGD([dict(params=params[:4]), dict(params=params[4:], lr=0.05, schedule=S.Exponential(0.9))],
-                       lr=0.1, backend="reference", **TWIN_CASES[case])
+        # the second group starts without momentum and gets it at step 3: fresh buffers at k = 2
+        second = dict(params=params[4:], lr=0.05, schedule=S.Exponential(0.9), momentum=0.0, nesterov=False)
+        opt = FusedSGD([dict(params=params[:4]), second], lr=0.1, backend="reference", **TWIN_CASES[case])
         if name == "twin":
             opt._backend = cb.CudaBackend()
         gen = torch.Generator().manual_seed(4)
         norms = []
         for step in range(6):
+            if step == 3:
+                opt.param_groups[1]["momentum"] = 0.7
             scale = 4.0
             for p in params:
                 p.grad = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale).to(p.dtype)
