@@ -61,14 +61,17 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _upload(array: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _upload(array: np.ndarray, device: torch.device, into: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(device copy, pinned source): an asynchronous copy, so no host sync. The source is kept
-    by the caller, since a copy captured in a CUDA graph reads it again at every replay. (On a
-    CPU device, where the host tests build layouts, it is the array itself.)"""
+    by the caller, since a copy captured in a CUDA graph reads it again at every replay. With
+    ``into`` of the same shape the copy goes there, so addresses that kernels (or a captured
+    graph) use stay valid. (On a CPU device, where the host tests run, no pinning.)"""
     host = torch.from_numpy(array)
-    if device.type != "cuda":
-        return host, host
-    host = host.pin_memory()
+    if device.type == "cuda":
+        host = host.pin_memory()
+    if into is not None and into.shape == host.shape:
+        return into.copy_(host, non_blocking=True), host
     return host.to(device, non_blocking=True), host
 
 
@@ -189,8 +192,10 @@ class CudaBackend:
         if self._groups is None or self._groups[0] != key:
             sched = np.stack([g.table for g in plan.groups])
             hyper = np.array([group_row(g) for g in plan.groups], dtype=np.float64)
-            sched_dev, sched_host = _upload(np.ascontiguousarray(sched), plan.device)
-            hyper_dev, hyper_host = _upload(hyper, plan.device)
+            same_device = self._groups is not None and self._groups[0][0] == plan.device
+            old_sched, old_hyper = self._groups[1:3] if same_device else (None, None)
+            sched_dev, sched_host = _upload(sched, plan.device, into=old_sched)
+            hyper_dev, hyper_host = _upload(hyper, plan.device, into=old_hyper)
             # the schedules are held so their ids in the key stay theirs
             self._groups = (key, sched_dev, hyper_dev, (sched_host, hyper_host, [g.schedule for g in plan.groups]))
         return self._groups[1], self._groups[2]
