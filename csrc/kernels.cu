@@ -73,6 +73,8 @@ norm_partials_kernel(const int64_t* table, int n_tensors, int64_t chunk_size, co
   const T* g = reinterpret_cast<const T*>(row[T_GRAD]);
   const Coefs<M> c = norm_coefs<M>(inv_scale_of(grad_scale), s);
   double acc = 0.0;
+  // unrolled so several loads are in flight; the order of the additions is unchanged
+#pragma unroll ILP
   for (int64_t i = begin + threadIdx.x; i < end; i += BLOCK) {
     const double x = static_cast<double>(processed_grad(load(g + i), c));
     acc += x * x;
