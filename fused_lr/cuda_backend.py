@@ -45,10 +45,12 @@ def chunk_layout(numels: list[int], chunk_size: int) -> tuple[list[int], int]:
 
 def group_row(group: GroupPlan) -> list[float]:
     """A group's hyper-parameter row (HYPER_COLS float64 values)."""
-    flags = (NESTEROV if group.nesterov else 0) | (DECOUPLED if group.decoupled_weight_decay else 0) | (
-        MAXIMIZE if group.maximize else 0)
-    row = [group.kernel_lr, group.momentum, group.dampening, group.weight_decay, float(flags)]
-    return row + [0.0] * (HYPER_COLS - len(row))
+    row = [0.0] * HYPER_COLS
+    row[KERNEL_LR], row[MOMENTUM], row[DAMPENING] = group.kernel_lr, group.momentum, group.dampening
+    row[WEIGHT_DECAY] = group.weight_decay
+    row[FLAGS] = float((NESTEROV if group.nesterov else 0) | (DECOUPLED if group.decoupled_weight_decay else 0)
+                       | (MAXIMIZE if group.maximize else 0))
+    return row
 
 
 def _dense(t: torch.Tensor) -> bool:
