@@ -67,14 +67,15 @@ class _Tables:
         for dtype in dict.fromkeys(dtypes):  # first-seen order
             c0 = len(chunks)
             members = [i for i, d in enumerate(dtypes) if d == dtype]
-            chunks += [(i, off) for i in members for off in range(0, numels[i], self.chunk)]
+            chunks += [(i, off, min(off + self.chunk, numels[i])) for i in members
+                       for off in range(0, numels[i], self.chunk)]
             aligned = all(rows[i][c] % _ALIGN == 0 for i in members for c in ptr_cols)
             if len(chunks) > c0:
                 self.spans.append((dtype, c0, len(chunks), aligned))
         table = np.zeros((len(rows), K.TENSOR_COLS), dtype=np.int64)
         table[:, : len(rows[0])] = rows
         self.tensors = _upload(table, device)
-        self.chunks = _upload(np.array(chunks, dtype=np.int64).reshape(-1, 2), device)
+        self.chunks = _upload(np.array(chunks, dtype=np.int64).reshape(-1, 3), device)
         self.n_tensors = len(rows)
         self.n_chunks = len(chunks)
         self._interpreted = interpreted
@@ -134,6 +135,7 @@ class TritonBackend:
         self._hyper_key = None
         self._hyper: torch.Tensor | None = None
         self._schedules: torch.Tensor | None = None
+        self._flags: dict = {}
         self._partials: torch.Tensor | None = None
         self.rebuilds = 0  # how many times tables were (re)built: the cache's observable behaviour
 
@@ -144,7 +146,9 @@ class TritonBackend:
         self.rebuilds += 1
         return _Tables(key, rows, dtypes, ptr_cols, device, self._interpreted, self._k)
 
-    def _hyper_tables(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hyper_tables(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The hyper and schedule tables on the device, and the constexpr feature flags: which
+        features any group uses and which schedule kinds occur, so kernels compile only those."""
         rows = []
         for group in plan.groups:
             wd = group.weight_decay
@@ -157,8 +161,18 @@ class TritonBackend:
         if key != self._hyper_key:
             self._hyper = _upload(np.array(rows, dtype=np.float64), plan.device)
             self._schedules = _upload(tables, plan.device)
+            used = np.isfinite(tables[:, :, 0])
+            K = self._k
+            self._flags = dict(
+                MOMENTUM=any(r[K.H_MOMENTUM] != 0 for r in rows[:-1]),
+                NESTEROV=any(r[K.H_NESTEROV] != 0 for r in rows[:-1]),
+                COUPLED_WD=any(r[K.H_COUPLED_WD] != 0 for r in rows[:-1]),
+                DECOUPLED_WD=any(r[K.H_DECOUPLED_WD] != 0 for r in rows[:-1]),
+                MAXIMIZE=any(r[K.H_SIGN] < 0 for r in rows[:-1]),
+                KINDS=int(sum(1 << k for k in set(tables[:, :, 1][used].astype(int).tolist()))),
+            )
             self._hyper_key = key
-        return self._hyper, self._schedules
+        return self._hyper, self._schedules, self._flags
 
     # ------------------------------------------------------------------ norm
     def grad_norm(self, plan: StepPlan) -> torch.Tensor:
@@ -175,7 +189,7 @@ class TritonBackend:
         norm_dtype = plan.norm_dtype
         key = (tuple(map(tuple, rows)), tuple(dtypes), norm_dtype, plan.device)
         tab = self._norm_tables = self._tables(self._norm_tables, key, rows, dtypes, (K.COL_GRAD,), plan.device)
-        hyper, _ = self._hyper_tables(plan)
+        hyper, _, _ = self._hyper_tables(plan)
         size = max(tab.n_chunks, 1)
         if self._partials is None or self._partials.numel() < size or self._partials.dtype != norm_dtype \
                 or self._partials.device != plan.device:
@@ -184,14 +198,17 @@ class TritonBackend:
         out = torch.empty((), dtype=norm_dtype, device=plan.device)
         scale = plan.grad_scale if plan.grad_scale is not None else hyper
         with _device(plan.device):
+            # one program over every chunk writes the norm itself; otherwise partials + a final sum
+            final = len(tab.spans) == 1 and tab.rows(tab.n_chunks) >= tab.n_chunks
             for dtype, c0, c1, aligned in tab.spans:
                 rows = tab.rows(c1 - c0)
                 K.sumsq_kernel[(triton.cdiv(c1 - c0, rows),)](
-                    tab.tensors, tab.chunks[c0:c1], c1 - c0, partials[c0:c1], hyper, scale, len(plan.groups),
+                    tab.tensors, tab.chunks[c0:c1], c1 - c0, partials[c0:c1], out, hyper, scale, len(plan.groups),
                     DTYPE=self._tl[dtype], HAS_SCALE=plan.grad_scale is not None,
-                    HAS_CLIP_VALUE=plan.clip_value is not None, ALIGNED=aligned, ROWS=rows, BLOCK=tab.block,
-                    CHUNK=tab.chunk)
-            K.sqrt_sum_kernel[(1,)](partials, tab.n_chunks, out, BLOCK=_SUM_BLOCK)
+                    HAS_CLIP_VALUE=plan.clip_value is not None, FINAL=final, ALIGNED=aligned, ROWS=rows,
+                    BLOCK=tab.block, CHUNK=tab.chunk)
+            if not final:
+                K.sqrt_sum_kernel[(1,)](partials, tab.n_chunks, out, BLOCK=_SUM_BLOCK)
         return out
 
     # ------------------------------------------------------------------ update
@@ -200,7 +217,7 @@ class TritonBackend:
         K = self._k
         rows, dtypes, keep, write_back = [], [], [], []
         for gi, group in enumerate(plan.groups):
-            for i, (p, g, step) in enumerate(zip(group.params, group.grads, group.steps)):
+            for i, (p, g, step) in enumerate(zip(group.params, group.grads, group.steps, strict=True)):
                 b = group.bufs[i] if group.bufs else None
                 if step.dtype != torch.float32 or step.device != p.device or step.numel() != 1:
                     raise TypeError(f"param group {gi}, parameter {i}: the step count must be a float32 scalar on "
@@ -221,7 +238,7 @@ class TritonBackend:
         key = (tuple(map(tuple, rows)), tuple(dtypes), plan.device)
         tab = self._update_tables = self._tables(self._update_tables, key, rows, dtypes,
                                                  (K.COL_PARAM, K.COL_GRAD, K.COL_BUF), plan.device)
-        hyper, schedules = self._hyper_tables(plan)
+        hyper, schedules, flags = self._hyper_tables(plan)
         if norm is not None and (norm.numel() != 1 or norm.device != plan.device):
             raise ValueError(f"norm must be a 0-dim tensor on {plan.device}, got {tuple(norm.shape)} on {norm.device}")
         if tab.state is None:
@@ -233,14 +250,15 @@ class TritonBackend:
                 tab.tensors, tab.n_tensors, hyper, schedules, len(plan.groups), tab.state,
                 norm if norm is not None else hyper, scale, found,
                 HAS_CLIP=norm is not None, HAS_SCALE=plan.grad_scale is not None, HAS_FOUND=plan.found_inf is not None,
-                BLOCK=_PREPARE_BLOCK)
+                KINDS=flags["KINDS"], BLOCK=_PREPARE_BLOCK)
             for dtype, c0, c1, aligned in tab.spans:
                 rows = tab.rows(c1 - c0)
                 K.update_kernel[(triton.cdiv(c1 - c0, rows),)](
                     tab.tensors, tab.chunks[c0:c1], c1 - c0, tab.n_tensors, hyper, len(plan.groups), tab.state,
                     DTYPE=self._tl[dtype], HAS_CLIP=norm is not None, HAS_CLIP_VALUE=plan.clip_value is not None,
-                    HAS_SCALE=plan.grad_scale is not None, ALIGNED=aligned, ROWS=rows, BLOCK=tab.block,
-                    CHUNK=tab.chunk)
+                    HAS_SCALE=plan.grad_scale is not None, MAXIMIZE=flags["MAXIMIZE"], COUPLED_WD=flags["COUPLED_WD"],
+                    DECOUPLED_WD=flags["DECOUPLED_WD"], MOMENTUM=flags["MOMENTUM"], NESTEROV=flags["NESTEROV"],
+                    ALIGNED=aligned, ROWS=rows, BLOCK=tab.block, CHUNK=tab.chunk)
         for dst, src in write_back:
             dst.copy_(src)
 
