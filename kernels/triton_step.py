@@ -223,14 +223,14 @@ class TritonBackend:
                     raise TypeError(f"param group {gi}, parameter {i}: the step count must be a float32 scalar on "
                                     f"{p.device}, got {step.dtype} {tuple(step.shape)} on {step.device}")
                 tensors = [p, g] if b is None else [p, g, b]
-                if not _dense_layout(tensors):
-                    # rare (a hand-set grad in another memory format, a strided view): work on
-                    # contiguous copies and copy the results back
-                    staged = [t.contiguous() for t in tensors]
-                    write_back += [(p, staged[0])] + ([] if b is None else [(b, staged[2])])
+                if not _dense_layout(tensors) or (b is not None and b.dtype != p.dtype):
+                    # rare (a hand-set grad in another memory format, a strided view, a buffer
+                    # left in float32 by model.to(float64)): work on contiguous copies in the
+                    # param's dtype and copy the results back, as the reference's in-place ops would
+                    staged = [p.contiguous(), g.contiguous(), None if b is None else b.to(p.dtype).contiguous()]
+                    write_back += [(dst, src) for dst, src in ((p, staged[0]), (b, staged[2])) if src is not dst]
                     keep += staged
-                    p, g = staged[0], staged[1]
-                    b = None if b is None else staged[2]
+                    p, g, b = staged
                 fresh = bool(group.fresh[i]) if group.fresh else False
                 rows.append([p.data_ptr(), g.data_ptr(), 0 if b is None else b.data_ptr(), step.data_ptr(),
                              p.numel(), gi, int(fresh)])
