@@ -1,10 +1,11 @@
-"""Triton backend: the whole step as a handful of launches over all parameters, no host sync.
+"""Triton backend: a step is a few launches over all parameters, with no host sync.
 
-Per step: ``sumsq_kernel`` (one program per chunk, when the norm is wanted) and
-``sqrt_sum_kernel`` (one program) compute the global norm deterministically; ``update_kernel``
-(one program per chunk) applies SPEC steps 0-7 with the lr evaluated on the device from each
-param's step count; ``count_kernel`` (one program) advances the step counts. Parameters of
-different dtypes take one norm and one update launch per dtype.
+Per step: ``sumsq_kernel`` (a program per chunk, when the norm is wanted) and ``sqrt_sum_kernel``
+(one program) compute the global norm deterministically; ``prepare_kernel`` (one program)
+evaluates every param's lr on the device from its step count, the clip coefficient and the
+AMP skip, and advances the step counts; ``update_kernel`` (a program per chunk) applies SPEC
+steps 0-7. Parameters of different dtypes take one norm and one update launch per dtype; when
+one program covers all chunks, ``sumsq_kernel`` writes the norm itself.
 
 The kernels find the tensors through device tables of addresses (see ``triton_kernels``). The
 tables are built once and reused while no tensor moves: the cache key is every address, size,
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import triton
 
 from fused_lr.backends import BackendUnavailable
 from fused_lr.plan import StepPlan
@@ -80,7 +80,6 @@ class _Tables:
         self.n_chunks = len(chunks)
         self._interpreted = interpreted
         self.state: torch.Tensor | None = None  # update's per-step scratch
-
 
     def rows(self, n_chunks: int) -> int:
         """Chunks per program: 1 compiled; interpreted, as many as fit a tile of _INTERP_TILE."""
@@ -202,7 +201,7 @@ class TritonBackend:
             final = len(tab.spans) == 1 and tab.rows(tab.n_chunks) >= tab.n_chunks
             for dtype, c0, c1, aligned in tab.spans:
                 rows = tab.rows(c1 - c0)
-                K.sumsq_kernel[(triton.cdiv(c1 - c0, rows),)](
+                K.sumsq_kernel[(-(-(c1 - c0) // rows),)](
                     tab.tensors, tab.chunks[c0:c1], c1 - c0, partials[c0:c1], out, hyper, scale, len(plan.groups),
                     DTYPE=self._tl[dtype], HAS_SCALE=plan.grad_scale is not None,
                     HAS_CLIP_VALUE=plan.clip_value is not None, FINAL=final, ALIGNED=aligned, ROWS=rows,
@@ -214,6 +213,8 @@ class TritonBackend:
     # ------------------------------------------------------------------ update
     def update(self, plan: StepPlan, norm: torch.Tensor | None) -> None:
         _check_dtypes(plan)
+        if norm is not None and (norm.numel() != 1 or norm.device != plan.device):
+            raise ValueError(f"norm must be a 0-dim tensor on {plan.device}, got {tuple(norm.shape)} on {norm.device}")
         K = self._k
         rows, dtypes, keep, write_back = [], [], [], []
         for gi, group in enumerate(plan.groups):
@@ -239,8 +240,6 @@ class TritonBackend:
         tab = self._update_tables = self._tables(self._update_tables, key, rows, dtypes,
                                                  (K.COL_PARAM, K.COL_GRAD, K.COL_BUF), plan.device)
         hyper, schedules, flags = self._hyper_tables(plan)
-        if norm is not None and (norm.numel() != 1 or norm.device != plan.device):
-            raise ValueError(f"norm must be a 0-dim tensor on {plan.device}, got {tuple(norm.shape)} on {norm.device}")
         if tab.state is None:
             tab.state = torch.empty((tab.n_tensors + 1, K.STATE_COLS), dtype=torch.float64, device=plan.device)
         found = plan.found_inf if plan.found_inf is not None else hyper
@@ -253,7 +252,7 @@ class TritonBackend:
                 KINDS=flags["KINDS"], BLOCK=_PREPARE_BLOCK)
             for dtype, c0, c1, aligned in tab.spans:
                 rows = tab.rows(c1 - c0)
-                K.update_kernel[(triton.cdiv(c1 - c0, rows),)](
+                K.update_kernel[(-(-(c1 - c0) // rows),)](
                     tab.tensors, tab.chunks[c0:c1], c1 - c0, tab.n_tensors, hyper, len(plan.groups), tab.state,
                     DTYPE=self._tl[dtype], HAS_CLIP=norm is not None, HAS_CLIP_VALUE=plan.clip_value is not None,
                     HAS_SCALE=plan.grad_scale is not None, MAXIMIZE=flags["MAXIMIZE"], COUPLED_WD=flags["COUPLED_WD"],
