@@ -1,0 +1,452 @@
+"""The Triton kernels of one FusedSGD step (imported only once triton is known to be there).
+
+Every kernel reaches the parameters through device tables of addresses instead of taking them
+as arguments, so one launch covers any number of tensors:
+
+* tensor table, int64 ``(T, TENSOR_COLS)``: the addresses of param, grad, momentum buffer and
+  step count, the element count, the group index and the "fresh buffer" flag of each tensor;
+* chunk table, int64 ``(C, 3)``: ``(tensor row, first element, end element)`` of each chunk
+  of at most ``CHUNK`` elements; a program handles ``ROWS`` consecutive chunks;
+* hyper table, float64 ``(G + 1, HYPER_COLS)``: one row of hyper-parameters per group and a
+  last row with the optimizer-wide clipping settings (float64 on the device: Triton would pass
+  Python floats as float32);
+* schedule tables, float64 ``(G, MAX_SEGMENTS, ROW)``: ``Schedule.table()`` of each group;
+* state, float64 ``(T + 1, STATE_COLS)``: written by ``prepare_kernel`` each step, read by
+  ``update_kernel``: per tensor its lr, decoupled decay factor and momentum-init flag, and a last
+  row with the clip coefficient, 1/grad_scale and whether the step goes ahead.
+
+The host side (layout, caching, launches) is ``triton_step.py``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from fused_lr import schedules as S
+from fused_lr.plan import NORM_EPS
+
+# tensor table columns
+COL_PARAM, COL_GRAD, COL_BUF, COL_STEP, COL_NUMEL, COL_GROUP, COL_FRESH = range(7)
+TENSOR_COLS = 8
+# hyper table columns of a group row
+H_LR, H_MOMENTUM, H_DAMP1, H_NESTEROV, H_COUPLED_WD, H_DECOUPLED_WD, H_SIGN = range(7)
+# columns of the hyper table's last (optimizer-wide) row
+H_MAX_NORM, H_CLIP_VALUE = range(2)
+HYPER_COLS = 8
+# state columns of a tensor row, and of the last row
+S_LR, S_DECAY, S_INIT = range(3)
+S_COEF, S_INV_SCALE, S_GO = range(3)
+STATE_COLS = 4
+
+_TCOLS = tl.constexpr(TENSOR_COLS)
+_HCOLS = tl.constexpr(HYPER_COLS)
+_SCOLS = tl.constexpr(STATE_COLS)
+_C_PARAM, _C_GRAD, _C_BUF, _C_STEP = (tl.constexpr(c) for c in (COL_PARAM, COL_GRAD, COL_BUF, COL_STEP))
+_C_NUMEL, _C_GROUP, _C_FRESH = (tl.constexpr(c) for c in (COL_NUMEL, COL_GROUP, COL_FRESH))
+_H_LR, _H_MOMENTUM, _H_DAMP1, _H_NESTEROV = (tl.constexpr(c) for c in (H_LR, H_MOMENTUM, H_DAMP1, H_NESTEROV))
+_H_COUPLED_WD, _H_DECOUPLED_WD, _H_SIGN = (tl.constexpr(c) for c in (H_COUPLED_WD, H_DECOUPLED_WD, H_SIGN))
+_H_MAX_NORM, _H_CLIP_VALUE = tl.constexpr(H_MAX_NORM), tl.constexpr(H_CLIP_VALUE)
+_S_LR, _S_DECAY, _S_INIT = tl.constexpr(S_LR), tl.constexpr(S_DECAY), tl.constexpr(S_INIT)
+_S_COEF, _S_INV_SCALE, _S_GO = tl.constexpr(S_COEF), tl.constexpr(S_INV_SCALE), tl.constexpr(S_GO)
+_NORM_EPS = tl.constexpr(NORM_EPS)
+
+_SEGS = tl.constexpr(S.MAX_SEGMENTS)
+_ROW = tl.constexpr(S.ROW)
+_STEP, _EXP, _LINEAR, _POLY = (tl.constexpr(c) for c in (S.STEP, S.EXP, S.LINEAR, S.POLY))
+_COSINE, _COSINE_RESTARTS, _CYCLIC = (tl.constexpr(c) for c in (S.COSINE, S.COSINE_RESTARTS, S.CYCLIC))
+_ONECYCLE, _INVTIME, _INVSQRT, _POWERLAW = (tl.constexpr(c) for c in (S.ONECYCLE, S.INVTIME, S.INVSQRT,
+                                                                         S.POWERLAW))
+_PI = tl.constexpr(3.141592653589793)
+# one bit per segment kind, for the KINDS set the host passes
+_B_STEP, _B_EXP, _B_LINEAR, _B_POLY, _B_COSINE, _B_COSINE_RESTARTS, _B_CYCLIC, _B_ONECYCLE, _B_INVTIME, \
+    _B_INVSQRT, _B_POWERLAW = (tl.constexpr(1 << c) for c in (S.STEP, S.EXP, S.LINEAR, S.POLY, S.COSINE,
+                                                             S.COSINE_RESTARTS, S.CYCLIC, S.ONECYCLE, S.INVTIME,
+                                                             S.INVSQRT, S.POWERLAW))
+_POW_KINDS = tl.constexpr(sum(1 << c for c in (S.STEP, S.EXP, S.CYCLIC, S.POLY, S.INVTIME, S.POWERLAW)))
+_INF = tl.constexpr(float("inf"))
+
+# A note on spelling, for the interpreter's sake (it runs CI): reductions are written
+# tl.reduce(x, 0, <triton's own combine function>), which is exactly what tl.sum / tl.max
+# expand to, and constants tl.full(...) rather than tl.zeros(...): the interpreter maps those
+# combine functions to numpy directly, while calling a @jit library function costs it a few ms
+# of re-patching each time.
+
+
+# ----------------------------------------------------------------------------- schedule
+@triton.jit
+def _vmax(x):
+    return tl.reduce(x, 0, tl.standard._elementwise_max)
+
+
+@triton.jit
+def _pow(x, y, SIGNED: tl.constexpr):
+    """Python's float ``x ** y`` for the schedules' operands, as exp(y log|x|), with x ** 0 == 1
+    and, if SIGNED (a negative base is possible), the sign of a negative base under an odd
+    exponent. Its error, ~(1 + |y log x|) ulp, is far below the float64 parity tolerance. (The
+    interpreter has no libdevice pow, so compiled and interpreted kernels share this code.)"""
+    r = tl.exp(y * tl.log(tl.abs(x)))
+    if SIGNED:
+        half = y * 0.5
+        r = tl.where((x < 0) & (y == tl.floor(y)) & (half != tl.floor(half)), -r, r)
+    return tl.where(y == 0, 1.0, r)
+
+
+@triton.jit
+def _cosine(m, t, period):
+    return m + (1.0 - m) * (1.0 + tl.cos(t * _PI / period)) / 2.0
+
+
+@triton.jit
+def _eval_tables(tab, k, m, KINDS: tl.constexpr):
+    """fused_lr.schedules.eval_table for a vector of lanes: ``tab`` points at each lane's
+    (16, 8) float64 table, ``k`` its step, ``m`` which lanes are live. KINDS is the bit set of
+    segment kinds present in any table (known on the host), so only their formulas are
+    compiled. Each formula runs on every lane and a lane takes its own kind's result; other
+    lanes feed the shared pow and loop neutral values, so nothing they compute can run away."""
+    seg_idx = tl.arange(0, _SEGS)
+    starts = tl.load(tab[:, None] + seg_idx[None, :] * _ROW, mask=m[:, None], other=_INF)
+    row = tl.reduce(tl.where(starts <= k[:, None], seg_idx[None, :], 0), 1, tl.standard._elementwise_max)
+    seg = tab + row * _ROW
+    kind = tl.load(seg + 1, mask=m, other=0.0).to(tl.int32)
+    p0 = tl.load(seg + 2, mask=m, other=1.0)
+    p1 = tl.load(seg + 3, mask=m, other=1.0)
+    p2 = tl.load(seg + 4, mask=m, other=1.0)
+    t = k - tl.load(seg, mask=m, other=0.0)
+    f = p0  # CONST
+
+    if _B_LINEAR & KINDS:
+        f = tl.where(kind == _LINEAR, p0 + (p1 - p0) * tl.minimum(t, p2) / p2, f)
+    if _B_INVSQRT & KINDS:
+        f = tl.where(kind == _INVSQRT, tl.where(t < p0, t / p0, tl.sqrt(p0 / t)), f)
+
+    if (_B_CYCLIC | _B_ONECYCLE) & KINDS:
+        p3 = tl.load(seg + 5, mask=m, other=1.0)
+        p4 = tl.load(seg + 6, mask=m, other=1.0)
+
+    if _POW_KINDS & KINDS:
+        # the one pow that each of these kinds needs (POWERLAW: the inner one)
+        base = tl.full(t.shape, 1.0, tl.float64)
+        expo = tl.full(t.shape, 0.0, tl.float64)
+        if _B_STEP & KINDS:
+            base = tl.where(kind == _STEP, p1, base)
+            expo = tl.where(kind == _STEP, tl.floor(t / p0), expo)
+        if _B_EXP & KINDS:
+            base = tl.where(kind == _EXP, p0, base)
+            expo = tl.where(kind == _EXP, t, expo)
+        if _B_CYCLIC & KINDS:
+            size = p1 + p2
+            cycle = tl.floor(1.0 + t / size)
+            mode = p3.to(tl.int32)
+            base = tl.where((kind == _CYCLIC) & (mode == 1), 0.5, base)
+            expo = tl.where((kind == _CYCLIC) & (mode == 1), cycle - 1.0, expo)
+            base = tl.where((kind == _CYCLIC) & (mode == 2), p4, base)
+            expo = tl.where((kind == _CYCLIC) & (mode == 2), t, expo)
+        if _B_POLY & KINDS:
+            base = tl.where(kind == _POLY, 1.0 - tl.minimum(t, p0) / p0, base)
+            expo = tl.where(kind == _POLY, p1, expo)
+        if _B_INVTIME & KINDS:
+            base = tl.where(kind == _INVTIME, 1.0 + p0 * t / p1, base)
+            expo = tl.where(kind == _INVTIME, -p2, expo)
+        if _B_POWERLAW & KINDS:
+            base = tl.where(kind == _POWERLAW, tl.minimum(t, p2) / p2, base)
+            expo = tl.where(kind == _POWERLAW, p1, expo)
+        # only Step's and Cyclic's gamma may be negative (Exponential's and the other bases are not)
+        r = _pow(base, expo, (_B_STEP | _B_CYCLIC) & KINDS)
+        f = tl.where((kind == _STEP) | (kind == _EXP) | (kind == _INVTIME), r, f)
+        if _B_POLY & KINDS:
+            f = tl.where(kind == _POLY, p2 + (1.0 - p2) * r, f)
+        if _B_POWERLAW & KINDS:
+            f = tl.where(kind == _POWERLAW, _pow(tl.where(kind == _POWERLAW, p0, 1.0), r, False), f)
+        if _B_CYCLIC & KINDS:
+            ratio = p1 / size
+            x = 1.0 + t / size - cycle
+            scale = tl.where(x <= ratio, x / ratio, (x - 1.0) / (ratio - 1.0))
+            f = tl.where(kind == _CYCLIC, 1.0 + (p0 - 1.0) * scale * tl.where(mode == 0, 1.0, r), f)
+
+    if _B_COSINE & KINDS:
+        f = tl.where(kind == _COSINE, _cosine(p1, tl.minimum(t, p0), p0), f)
+    if _B_COSINE_RESTARTS & KINDS:
+        restarts = kind == _COSINE_RESTARTS
+        t_cyc = tl.where(restarts & (p1 == 1.0), t % p0, t)  # float % is fmod, as math.fmod
+        length = p0
+        growing = restarts & (p1 != 1.0)
+        while _vmax(tl.where(growing & (t_cyc >= length), 1, 0)) > 0:
+            wrap = growing & (t_cyc >= length)
+            t_cyc = tl.where(wrap, t_cyc - length, t_cyc)
+            length = tl.where(wrap, length * p1, length)
+        f = tl.where(restarts, _cosine(p2, t_cyc, length), f)
+
+    if _B_ONECYCLE & KINDS:
+        t_one = tl.minimum(t, p0 - 1.0)
+        up_end = p1 * p0 - 1.0
+        rising = t_one <= up_end
+        pct = tl.where(rising, t_one / up_end, (t_one - up_end) / (p0 - 1.0 - up_end))
+        a = tl.where(rising, 1.0 / p2, 1.0)
+        b = tl.where(rising, 1.0, 1.0 / (p2 * p3))
+        f = tl.where(kind == _ONECYCLE,
+                     tl.where(p4 == 0.0, b + (a - b) / 2.0 * (tl.cos(pct * _PI) + 1.0), (b - a) * pct + a), f)
+    return f
+
+
+# ----------------------------------------------------------------------------- shared pieces
+# A program handles ROWS chunks as the rows of a (ROWS, BLOCK) tile: per-chunk scalars are
+# (ROWS, 1) columns. Compiled, ROWS is 1 and a program walks its chunk BLOCK by BLOCK; the
+# interpreter, which pays per operation and not per element, takes many chunks per program.
+@triton.jit
+def _chunks(tensors, chunks, n_chunks, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """Chunk index, tensor index, tensor table row, first and end element of this program's
+    chunks, as (ROWS,) vectors; rows past the last chunk are empty (end == start)."""
+    c = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    valid = c < n_chunks
+    entry = chunks + 3 * c
+    tensor = tl.load(entry, mask=valid, other=0)
+    start = tl.multiple_of(tl.load(entry + 1, mask=valid, other=0), CHUNK)
+    end = tl.load(entry + 2, mask=valid, other=0)
+    return c, tensor, tensors + tensor * _TCOLS, start, end
+
+
+@triton.jit
+def _address(row, col, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = tl.load(row + col).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # the host checked every address is 16-byte aligned: lets loads vectorise
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr[:, None]
+
+
+@triton.jit
+def _blocks(start, end, BLOCK: tl.constexpr):
+    """How many leading blocks are full in every row, and how many blocks the longest row has."""
+    n_full = tl.reduce((end - start) // BLOCK, 0, tl.standard._elementwise_min)
+    n_all = tl.reduce((end - start + BLOCK - 1) // BLOCK, 0, tl.standard._elementwise_max)
+    return n_full, n_all
+
+
+@triton.jit
+def _recip(x):
+    """1 / x correctly rounded: float32 division may otherwise be approximate (float64 never is,
+    and has no div_rn)."""
+    if x.dtype.is_fp32():
+        return tl.fdiv(1.0, x, ieee_rounding=True)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _inv_scale(scale):
+    """1 / grad_scale as torch.amp.GradScaler.unscale_ computes it: in float64, kept in float32."""
+    return _recip(tl.load(scale).to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _clamp(g, clip_value):
+    # torch.clamp keeps NaN; minimum/maximum need not
+    return tl.where(g != g, g, tl.minimum(tl.maximum(g, -clip_value), clip_value))
+
+
+# ----------------------------------------------------------------------------- norm
+@triton.jit
+def _store_sqrt(out, total):
+    if total.dtype.is_fp32():
+        tl.store(out, tl.sqrt_rn(total))  # tl.sqrt may be approximate in float32
+    else:
+        tl.store(out, tl.sqrt(total))
+
+
+@triton.jit
+def _sumsq_block(G, offs, m, inv, clip_value, COMPUTE: tl.constexpr, ACC: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr, MASKED: tl.constexpr):
+    g = (tl.load(G + offs, mask=m, other=0.0) if MASKED else tl.load(G + offs)).to(COMPUTE)
+    if HAS_SCALE:
+        g = g * inv
+    if HAS_CLIP_VALUE:
+        g = _clamp(g, clip_value)
+    g = g.to(ACC)
+    return g * g
+
+
+@triton.jit
+def sumsq_kernel(tensors, chunks, n_chunks, partials, out, hyper, scale, n_groups,
+                 DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr, FINAL: tl.constexpr,
+                 ALIGNED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """partials[i] = sum of squares of the processed gradient (unscaled, value-clipped; the
+    maximize sign does not matter) over chunk i. No atomics: sqrt_sum_kernel adds the partials
+    in a fixed order, so the norm is deterministic. FINAL (this one program has every chunk):
+    write the norm to ``out`` directly."""
+    ACC: tl.constexpr = partials.dtype.element_ty
+    COMPUTE: tl.constexpr = tl.float64 if DTYPE.is_fp64() else tl.float32
+    c, _, row, start, end = _chunks(tensors, chunks, n_chunks, ROWS, CHUNK)
+    G = _address(row, _C_GRAD, DTYPE, ALIGNED)
+    inv = tl.full((), 1.0, COMPUTE)
+    if HAS_SCALE:
+        inv = _inv_scale(scale).to(COMPUTE)
+    clip_value = tl.load(hyper + n_groups * _HCOLS + _H_CLIP_VALUE).to(COMPUTE)
+    acc = tl.full([ROWS, BLOCK], 0.0, ACC)
+    lane = tl.arange(0, BLOCK)[None, :]
+    n_full, n_all = _blocks(start, end, BLOCK)
+    for i in range(n_full):
+        offs = start[:, None] + i * BLOCK + lane
+        acc += _sumsq_block(G, offs, True, inv, clip_value, COMPUTE, ACC, HAS_SCALE, HAS_CLIP_VALUE, False)
+    for i in range(n_full, n_all):
+        offs = start[:, None] + i * BLOCK + lane
+        acc += _sumsq_block(G, offs, offs < end[:, None], inv, clip_value, COMPUTE, ACC, HAS_SCALE,
+                            HAS_CLIP_VALUE, True)
+    sums = tl.reduce(acc, 1, tl.standard._sum_combine)
+    if FINAL:
+        _store_sqrt(out, tl.reduce(sums, 0, tl.standard._sum_combine))
+    else:
+        tl.store(partials + c, sums, mask=c < n_chunks)
+
+
+@triton.jit
+def sqrt_sum_kernel(partials, n, out, BLOCK: tl.constexpr):
+    """out = sqrt(sum(partials[:n])): one program, a fixed order."""
+    ACC: tl.constexpr = partials.dtype.element_ty
+    acc = tl.full([BLOCK], 0.0, ACC)
+    for s in range(0, n, BLOCK):
+        idx = s + tl.arange(0, BLOCK)
+        acc += tl.load(partials + idx, mask=idx < n, other=0.0)
+    _store_sqrt(out, tl.reduce(acc, 0, tl.standard._sum_combine))
+
+
+# ----------------------------------------------------------------------------- update
+@triton.jit
+def prepare_kernel(tensors, n_tensors, hyper, tables, n_groups, state, norm, scale, found,
+                   HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
+                   KINDS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program, before update_kernel: the step-wide scalars (clip coefficient, 1/grad_scale,
+    skip) and, per tensor, the lr = kernel_lr x schedule(k) from its step count k, the decoupled
+    decay factor and whether the momentum buffer starts from the gradient; then k += 1 unless
+    found_inf is set. Everything stays on the device."""
+    go = tl.full((), 1.0, tl.float64)
+    if HAS_FOUND:
+        go = tl.where(tl.load(found) != 0, 0.0, go)
+    coef = tl.full((), 1.0, tl.float64)
+    if HAS_CLIP:
+        # c = min(1, C / (N + eps)) as torch evaluates it: in N's dtype, C / x as reciprocal(x) * C
+        nv = tl.load(norm)
+        c = _recip(nv + _NORM_EPS) * tl.load(hyper + n_groups * _HCOLS + _H_MAX_NORM).to(
+            nv.dtype)
+        coef = tl.where(c > 1.0, 1.0, c).to(tl.float64)  # keeps a NaN norm NaN, as torch.clamp does
+    inv = tl.full((), 1.0, tl.float64)
+    if HAS_SCALE:
+        inv = _inv_scale(scale).to(tl.float64)
+    last = state + n_tensors * _SCOLS
+    tl.store(last + _S_COEF, coef)
+    tl.store(last + _S_INV_SCALE, inv)
+    tl.store(last + _S_GO, go)
+    for s in range(0, n_tensors, BLOCK):
+        idx = s + tl.arange(0, BLOCK).to(tl.int64)
+        m = idx < n_tensors
+        row = tensors + idx * _TCOLS
+        steps = tl.load(row + _C_STEP, mask=m, other=0).to(tl.pointer_type(tl.float32))
+        k = tl.load(steps, mask=m, other=0.0)
+        group = tl.load(row + _C_GROUP, mask=m, other=0)
+        h = hyper + group * _HCOLS
+        k64 = k.to(tl.float64)
+        lr = tl.load(h + _H_LR, mask=m, other=0.0) * _eval_tables(tables + group * (_SEGS * _ROW), k64, m, KINDS)
+        out = state + idx * _SCOLS
+        tl.store(out + _S_LR, lr, mask=m)
+        tl.store(out + _S_DECAY, 1.0 - lr * tl.load(h + _H_DECOUPLED_WD, mask=m, other=0.0), mask=m)
+        init = (k64 == 0) | (tl.load(row + _C_FRESH, mask=m, other=0) != 0)
+        tl.store(out + _S_INIT, tl.where(init, 1.0, 0.0), mask=m)
+        # k + 0 rewrites k unchanged when the step is skipped
+        tl.store(steps, k + go.to(tl.float32), mask=m)
+
+
+@triton.jit
+def _update_block(P, G, B, offs, m, own, h, inv, clip_value, coef, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr, HAS_CLIP: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr,
+                  MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MASKED: tl.constexpr):
+    """One (ROWS, BLOCK) tile; ``own`` and ``h`` point at each row's state and hyper rows, as
+    (ROWS, 1) columns.
+    The constexpr feature flags say whether any group uses a feature; rows of groups that do
+    not are left alone by its code (neutral values, or a select)."""
+    if MASKED:
+        g = tl.load(G + offs, mask=m, other=0.0).to(COMPUTE)
+        p = tl.load(P + offs, mask=m, other=0.0).to(COMPUTE)
+    else:
+        g = tl.load(G + offs).to(COMPUTE)
+        p = tl.load(P + offs).to(COMPUTE)
+    if HAS_SCALE:
+        g = g * inv
+    if MAXIMIZE:
+        g = g * tl.load(h + _H_SIGN).to(COMPUTE)
+    if HAS_CLIP_VALUE:
+        g = _clamp(g, clip_value)
+    if HAS_CLIP:
+        g = g * coef
+    if COUPLED_WD:
+        wd = tl.load(h + _H_COUPLED_WD).to(COMPUTE)
+        g = tl.where(wd != 0, g + wd * p, g)  # not g + 0 * p, which is NaN for an infinite p
+    if DECOUPLED_WD:
+        p = p * tl.load(own + _S_DECAY).to(COMPUTE)  # the factor is exactly 1 without decay
+    d = g
+    if MOMENTUM:
+        momentum = tl.load(h + _H_MOMENTUM)
+        has_momentum = momentum != 0
+        momentum = momentum.to(COMPUTE)
+        init = tl.load(own + _S_INIT) != 0
+        m_buf = m & has_momentum if MASKED else has_momentum
+        # read only where the buffer holds momentum: never without one, nor on its first step
+        b = tl.load(B + offs, mask=m_buf & (init == 0), other=0.0).to(COMPUTE)
+        b = tl.where(init, g, momentum * b + tl.load(h + _H_DAMP1).to(COMPUTE) * g)
+        tl.store(B + offs, b.to(DTYPE), mask=m_buf)
+        if NESTEROV:
+            b = tl.where(tl.load(h + _H_NESTEROV) != 0, g + momentum * b, b)
+        d = tl.where(has_momentum, b, g)
+    p = p - tl.load(own + _S_LR).to(COMPUTE) * d
+    if MASKED:
+        tl.store(P + offs, p.to(DTYPE), mask=m)
+    else:
+        tl.store(P + offs, p.to(DTYPE))
+
+
+@triton.jit
+def update_kernel(tensors, chunks, n_chunks, n_tensors, hyper, n_groups, state,
+                  DTYPE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr,
+                  DECOUPLED_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                  ALIGNED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """SPEC steps 0-7 on ROWS chunks, with the scalars prepare_kernel left in ``state``.
+    Arithmetic in the parameter dtype (float32 for 16-bit types); scalars are cast to it as
+    torch casts a Python number."""
+    COMPUTE: tl.constexpr = tl.float64 if DTYPE.is_fp64() else tl.float32
+    _, tensor, row, start, end = _chunks(tensors, chunks, n_chunks, ROWS, CHUNK)
+    last = state + n_tensors * _SCOLS
+    end = start + (end - start) * tl.load(last + _S_GO).to(tl.int64)  # a skipped step touches nothing
+    own = (state + tensor * _SCOLS)[:, None]
+    h = (hyper + tl.load(row + _C_GROUP) * _HCOLS)[:, None]
+    coef = tl.load(last + _S_COEF).to(COMPUTE)
+    inv = tl.load(last + _S_INV_SCALE).to(COMPUTE)
+    clip_value = tl.load(hyper + n_groups * _HCOLS + _H_CLIP_VALUE).to(COMPUTE)
+    P = _address(row, _C_PARAM, DTYPE, ALIGNED)
+    G = _address(row, _C_GRAD, DTYPE, ALIGNED)
+    B = _address(row, _C_BUF, DTYPE, ALIGNED)
+    lane = tl.arange(0, BLOCK)[None, :]
+    n_full, n_all = _blocks(start, end, BLOCK)
+    for i in range(n_full):
+        offs = start[:, None] + i * BLOCK + lane
+        _update_block(P, G, B, offs, True, own, h, inv, clip_value, coef, DTYPE, COMPUTE, HAS_SCALE, HAS_CLIP_VALUE,
+                      HAS_CLIP, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, MOMENTUM, NESTEROV, False)
+    for i in range(n_full, n_all):
+        offs = start[:, None] + i * BLOCK + lane
+        _update_block(P, G, B, offs, offs < end[:, None], own, h, inv, clip_value, coef, DTYPE, COMPUTE, HAS_SCALE,
+                      HAS_CLIP_VALUE, HAS_CLIP, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, MOMENTUM, NESTEROV, True)
+
+
+def _call_helpers_directly() -> None:
+    """Triton's interpreter re-patches ``triton.language`` on every call of a ``@jit`` helper
+    (a few ms each: most of an interpreted step), although the launch has already patched it
+    for this module and restores it afterwards. Under the interpreter, bind each helper's name
+    to its rewritten Python function so calls skip that; compiled kernels are unaffected."""
+    module = globals()
+    for name, fn in list(module.items()):
+        if name.startswith("_") and isinstance(fn, InterpretedFunction):
+            module[name] = fn.rewrite()
+
+
+if isinstance(update_kernel, InterpretedFunction):
+    _call_helpers_directly()

@@ -1,0 +1,326 @@
+"""Triton-specific behaviour: availability, table caching, the device-side schedule, dtypes,
+and that the kernels also compile for a GPU (the parity matrix runs them in the interpreter).
+
+Compared against the reference backend with tolerances of a few ulps per step: the kernels do
+the reference's operations, except the norm's reduction order and fused multiply-adds.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fused_lr import FusedSGD, available_backends, schedules
+from fused_lr.backends import BackendUnavailable, devices
+
+triton = pytest.importorskip("triton")
+triton_step = pytest.importorskip("fused_lr.kernels.triton_step")
+
+RUNS = available_backends()["triton"] is True and "cpu" in devices("triton")
+needs_interpreter = pytest.mark.skipif(not RUNS, reason=f"triton does not run on CPU tensors here: "
+                                                        f"{available_backends()['triton']}")
+# float64: same operations as the reference up to reduction order and FMA: ~1e-15 per step.
+# float32: a few ulps (1.2e-7) per step.
+TOL = {torch.float64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+
+
+def make_opt(params, backend, **kw):
+    kw = {**dict(lr=0.1, momentum=0.9, weight_decay=1e-3, max_grad_norm=0.5), **kw}
+    return FusedSGD(params, backend=backend, **kw)
+
+
+def clone_params(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+# ----------------------------------------------------------------------------- availability
+def test_unavailable_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` fail
+    with pytest.raises(BackendUnavailable, match="triton is not installed"):
+        triton_step.load()
+
+
+def test_unavailable_without_cuda_or_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendUnavailable, match="no CUDA device, and TRITON_INTERPRET=1 is not set"):
+        triton_step.load()
+
+
+@needs_interpreter
+def test_interpreter_runs_on_cpu_tensors():
+    assert devices("triton") == frozenset({"cpu"})
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    opt = FusedSGD([p], lr=0.5, backend="triton")
+    opt.step()
+    assert opt.backend == "triton"
+    torch.testing.assert_close(p.detach(), torch.full((3,), -0.5))
+
+
+# ----------------------------------------------------------------------------- table caching
+def fill_grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+@needs_interpreter
+def test_tables_are_reused_while_nothing_moves():
+    params = [torch.randn(n, dtype=torch.float64, requires_grad=True) for n in (5, 300, 7)]
+    opt = make_opt(params, "triton", schedule=schedules.Cosine(10))
+    fill_grads(params, 0)
+    opt.step()  # builds the tables: momentum buffers are new ("fresh")
+    opt.step()  # rebuilds once: the fresh flags dropped
+    backend = opt._backend
+    built, hyper = backend.rebuilds, backend._hyper
+    for _ in range(3):
+        for p in params:  # new gradient values, same tensors
+            p.grad.normal_()
+        opt.step()
+    assert backend.rebuilds == built
+    assert backend._hyper is hyper
+    opt.param_groups[0]["lr"] = 0.05  # a hyper-parameter change re-uploads only the hyper table
+    opt.step()
+    assert backend.rebuilds == built and backend._hyper is not hyper
+
+
+@needs_interpreter
+def test_tables_follow_moved_tensors():
+    """model.to(float64) and zero_grad(set_to_none=True) + fresh grads reallocate everything the
+    tables point at: the step must notice, rebuild, and still equal the reference."""
+    ref = [torch.randn(n, requires_grad=True) for n in (4, 1000, 33)]
+    got = clone_params(ref)
+    opts = [make_opt(ref, "reference", schedule=schedules.Exponential(0.9)),
+            make_opt(got, "triton", schedule=schedules.Exponential(0.9))]
+    live = []  # keeps replaced tensors alive, so new ones cannot reuse their addresses
+    for step in range(6):
+        if step == 3:  # what model.to(float64) does to each parameter (buffers stay float32)
+            for params in (ref, got):
+                for p in params:
+                    live += [p.data, p.grad]
+                    p.data = p.data.double()
+                    p.grad = None
+        before = opts[1]._backend.rebuilds if step else 0
+        for params, opt in zip((ref, got), opts, strict=True):
+            opt.zero_grad(set_to_none=True)
+            fill_grads(params, step)
+            live += [p.grad for p in params]
+            opt.step()
+        assert opts[1]._backend.rebuilds > before  # new grads every step, at new addresses
+        for r, g in zip(ref, got, strict=True):
+            torch.testing.assert_close(g, r, **TOL[torch.float32])
+    assert got[0].dtype == torch.float64 and opts[1].state[got[0]]["momentum_buffer"].dtype == torch.float32
+
+
+@needs_interpreter
+def test_strided_params_and_grads():
+    """A transposed parameter with a contiguous gradient has no common flat layout: the backend
+    works on contiguous copies and writes the results back."""
+    base = [torch.randn(5, 3, dtype=torch.float64).t(), torch.randn(2, 3, 4, 5, dtype=torch.float64)]
+    ref = [b.clone().requires_grad_() for b in base]
+    got = [b.clone().requires_grad_() for b in base]  # clone keeps the strides
+    got[1].data = got[1].data.to(memory_format=torch.channels_last)  # dense, not contiguous: no copy needed
+    for params, backend in ((ref, "reference"), (got, "triton")):
+        opt = make_opt(params, backend)
+        for step in range(3):
+            fill_grads(params, step)
+            params[1].grad = params[1].grad.to(memory_format=torch.channels_last)
+            opt.step()
+    assert not got[0].is_contiguous() and got[1].is_contiguous(memory_format=torch.channels_last)
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+# ----------------------------------------------------------------------------- AMP
+@needs_interpreter
+def test_skipped_first_step_changes_nothing_then_initialises_momentum():
+    """SPEC's stock-fused-SGD defect: a first step skipped for an inf gradient must leave no
+    trace (no param, buffer or step change), and the next step must start the buffer from the
+    gradient."""
+    p = torch.zeros(4, requires_grad=True)
+    opt = FusedSGD([p], lr=0.1, momentum=0.9, max_grad_norm=10.0, backend="triton")
+    p.grad = torch.full((4,), float("inf"))
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+    opt.step()
+    assert torch.equal(p.detach(), torch.zeros(4))
+    assert float(opt.state[p]["step"]) == 0
+    p.grad = torch.full((4,), 2.0)  # a unit gradient, scaled by 2
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((4,), -0.1))
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], torch.ones(4))
+    assert float(opt.state[p]["step"]) == 1
+
+
+# ----------------------------------------------------------------------------- schedules
+def _plateau():
+    s = schedules.ReduceOnPlateau(schedules.Cosine(10), patience=0)
+    s.step(1.0)
+    s.step(2.0)  # no improvement: the host factor drops to 0.1
+    return s
+
+
+SCHEDULES = {
+    "constant": schedules.Constant(0.5),
+    "step": schedules.Step(3, 0.5),
+    "step-negative-gamma": schedules.Step(2, -0.5),
+    "multistep": schedules.MultiStep([2, 5, 9], 0.3),
+    "exponential": schedules.Exponential(0.9),
+    "linear": schedules.Linear(0.2, 1.0, 7),
+    "polynomial": schedules.Polynomial(10, 2.0, 0.1),
+    "polynomial-sqrt": schedules.Polynomial(10, 0.5),
+    "cosine": schedules.Cosine(12, 0.1),
+    "restarts": schedules.CosineRestarts(4),
+    "restarts-growing": schedules.CosineRestarts(3, 2, 0.05),
+    "cyclic": schedules.Cyclic(3.0, 4),
+    "cyclic-triangular2": schedules.Cyclic(2.0, 3, 5, mode="triangular2"),
+    "cyclic-exp-range": schedules.Cyclic(2.0, 3, mode="exp_range", gamma=0.9),
+    "onecycle": schedules.OneCycle(20),
+    "onecycle-linear": schedules.OneCycle(20, anneal="linear"),
+    "inverse-time": schedules.InverseTime(0.5, 2, 1.5),
+    "inverse-sqrt": schedules.InverseSqrt(4),
+    "power-law": schedules.PowerLaw(0.1, 2.0, 15),
+    "warmup-cosine": schedules.Warmup(3, schedules.Cosine(10), start_factor=0.1),
+    "join": schedules.Join([(schedules.Constant(1.0), 2), (schedules.Exponential(0.8), 5),
+                            schedules.Linear(1.0, 0.0, 10)]),
+    "plateau": _plateau(),
+}
+KS = [*range(40), 100, 1000, 12345]
+
+
+@needs_interpreter
+def test_device_schedule_equals_host_schedule():
+    """One step of a parameter whose step count is k moves it by lr x the schedule at k: one
+    group per schedule, one scalar parameter per k, all evaluated by the kernels in a single step.
+    The kernels mirror eval_table (whose equality with each schedule's formula is the schedule
+    tests' business). Tolerance: the kernels' pow is exp(y log x), off by ~(1 + |y log x|) ulp,
+    so 1e-12 relative."""
+    groups, expected = [], []
+    for sched in SCHEDULES.values():
+        params = [torch.zeros(1, dtype=torch.float64, requires_grad=True) for _ in KS]
+        groups.append(dict(params=params, schedule=sched))
+        expected += [-0.5 * sched.host_scale * schedules.eval_table(sched.table(), k) for k in KS]
+    opt = FusedSGD(groups, lr=0.5, backend="triton")
+    for group in groups:
+        for p, k in zip(group["params"], KS, strict=True):
+            p.grad = torch.ones(1, dtype=torch.float64)
+            opt.state[p]["step"] = torch.tensor(float(k))
+    opt.step()
+    got = torch.cat([p.detach() for group in groups for p in group["params"]])
+    names = [f"{name}@k={k}" for name in SCHEDULES for k in KS]
+    bad = [(n, float(g), e) for n, g, e in zip(names, got, expected, strict=True)
+           if abs(float(g) - e) > 1e-12 * abs(e) + 1e-300]
+    assert not bad, bad[:10]
+    assert {float(opt.state[p]["step"]) for g in groups for p in g["params"]} == {k + 1.0 for k in KS}
+
+
+# ----------------------------------------------------------------------------- dtypes
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [0, 3], ids=["first-step", "momentum-step"])
+def test_half_precision_is_float32_math_rounded_once(dtype, k):
+    """16-bit parameters are computed in float32 and rounded once: the result equals the
+    float32 reference rounded to the parameter dtype within one ulp (FMA contraction can move
+    the float32 value across a rounding boundary)."""
+    gen = torch.Generator().manual_seed(k)
+    p16 = torch.randn(3000, generator=gen).to(dtype).requires_grad_()
+    p32 = p16.detach().float().requires_grad_()
+    buf = torch.randn(3000, generator=gen).to(dtype)
+    grad = torch.randn(3000, generator=gen).to(dtype)
+    kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, max_grad_norm=5.0, clip_value=1.5,
+              schedule=schedules.Cosine(10))
+    for p, backend in ((p16, "triton"), (p32, "reference")):
+        opt = FusedSGD([p], backend=backend, **kw)
+        p.grad = grad.to(p.dtype)
+        opt.state[p] = {"step": torch.tensor(float(k)), "momentum_buffer": buf.to(p.dtype, copy=True)}
+        opt.step()
+    one_ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(p16.detach().float(), p32.detach().to(dtype).float(), rtol=one_ulp, atol=1e-6)
+
+
+@needs_interpreter
+def test_mixed_dtypes_and_empty_tensors():
+    """float32 and float64 parameters together take one launch per dtype, with a float64 norm;
+    a zero-element parameter only has its step counted."""
+    shapes = [((7,), torch.float32), ((0,), torch.float32), ((300,), torch.float64), ((65,), torch.float32),
+              ((2, 9), torch.float64)]
+    ref = [torch.randn(s, dtype=d, requires_grad=True) for s, d in shapes]
+    got = clone_params(ref)
+    norms = []
+    for params, backend in ((ref, "reference"), (got, "triton")):
+        opt = make_opt(params, backend, clip_value=0.5, schedule=schedules.Step(2, 0.5))
+        for step in range(3):
+            fill_grads(params, step)
+            opt.step()
+        norms.append(opt.last_grad_norm)
+        assert {float(opt.state[p]["step"]) for p in params} == {3.0}
+    assert norms[1].dtype == torch.float64
+    torch.testing.assert_close(norms[1], norms[0], rtol=1e-13, atol=0)
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, **TOL[r.dtype])
+
+
+@needs_interpreter
+def test_norm_is_deterministic():
+    params = [torch.randn(n, requires_grad=True) for n in (70000, 5, 1234)]
+    opt = make_opt(params, "triton", lr=0.0)
+    fill_grads(params, 0)
+    norms = []
+    for _ in range(2):
+        opt.step()
+        norms.append(opt.last_grad_norm.clone())
+    assert torch.equal(norms[0], norms[1])
+
+
+# ----------------------------------------------------------------------------- compiled mode
+_COMPILE_ALL = textwrap.dedent("""
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fused_lr.kernels import triton_kernels as K
+
+    ALL_KINDS = sum(1 << k for k in range(12))
+    def compile(fn, sig, const):
+        sig = {**sig, **{name: "constexpr" for name in const}}
+        src = ASTSource(fn=fn, signature=sig, constexprs=const)
+        triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"enable_fp_fusion": True})
+
+    tables = {"tensors": "*i64", "chunks": "*i64", "n_chunks": "i32", "hyper": "*fp64", "n_groups": "i32"}
+    for dtype, ptr in ((tl.float32, "*fp32"), (tl.float64, "*fp64"), (tl.bfloat16, "*fp32")):
+        acc = "*fp64" if dtype == tl.float64 else "*fp32"
+        for flag in (False, True):
+            compile(K.update_kernel, {**tables, "n_tensors": "i32", "state": "*fp64"},
+                    dict(DTYPE=dtype, HAS_CLIP=flag, HAS_CLIP_VALUE=flag, HAS_SCALE=flag, MAXIMIZE=flag,
+                         COUPLED_WD=flag, DECOUPLED_WD=flag, MOMENTUM=flag, NESTEROV=flag, ALIGNED=flag,
+                         ROWS=1, BLOCK=1024, CHUNK=4096))
+            compile(K.sumsq_kernel, {**tables, "partials": acc, "out": acc, "scale": "*fp32"},
+                    dict(DTYPE=dtype, HAS_SCALE=flag, HAS_CLIP_VALUE=flag, FINAL=flag, ALIGNED=flag, ROWS=1,
+                         BLOCK=1024, CHUNK=4096))
+        compile(K.sqrt_sum_kernel, {"partials": acc, "n": "i32", "out": acc}, dict(BLOCK=1024))
+    for norm in ("*fp32", "*fp64"):
+        compile(K.prepare_kernel, {"tensors": "*i64", "n_tensors": "i32", "hyper": "*fp64", "tables": "*fp64",
+                                   "n_groups": "i32", "state": "*fp64", "norm": norm, "scale": "*fp32",
+                                   "found": "*fp32"},
+                dict(HAS_CLIP=True, HAS_SCALE=True, HAS_FOUND=True, KINDS=ALL_KINDS, BLOCK=128))
+    compile(K.prepare_kernel, {"tensors": "*i64", "n_tensors": "i32", "hyper": "*fp64", "tables": "*fp64",
+                               "n_groups": "i32", "state": "*fp64", "norm": "*fp32", "scale": "*fp32",
+                               "found": "*fp32"},
+            dict(HAS_CLIP=False, HAS_SCALE=False, HAS_FOUND=False, KINDS=1, BLOCK=128))
+    print("compiled")
+""")
+
+
+def test_kernels_compile_for_a_gpu():
+    """The interpreter accepts code that the GPU compiler rejects (a float64 div_rn, branch
+    types): compile every kernel variant down to a cubin for sm_80, which needs no GPU.
+    In a child process, since this one runs the interpreter."""
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _COMPILE_ALL], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
