@@ -160,7 +160,6 @@ def _demo(args: argparse.Namespace) -> int:
     device = _device(args.device)
     _check_backend(args.backend, device)
     _check_out(args.out)
-    torch.set_num_threads(args.threads)
     config = Config(steps=args.steps, epochs=args.epochs or (COMPARE_EPOCHS if args.compare else DEMO_EPOCHS),
                     batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                     max_grad_norm=args.max_grad_norm, warmup=args.warmup, schedule=args.schedule or "cosine",
@@ -168,10 +167,14 @@ def _demo(args: argparse.Namespace) -> int:
     console = None if args.no_progress else Console(stderr=True)
     if console is not None and not console.is_terminal:
         console.width = 120  # a log gets the final state of each bar: keep the metrics on one line
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         (run_compare if args.compare else run_demo)(config, args.out, console)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    finally:  # main() may run inside a larger process (the tests): leave its thread count alone
+        torch.set_num_threads(threads)
     return 0
 
 
@@ -182,7 +185,17 @@ def _bench(argv: list[str]) -> int:
         if e.name != "fused_lr.bench":
             raise
         raise UsageError("this installation has no fused_lr.bench") from None
-    return bench_main(argv)
+    try:
+        return bench_main(argv)
+    except SystemExit as e:  # its own argparse: --help, or a bad argument it has reported
+        return _exit_code(e)
+
+
+def _exit_code(e: SystemExit) -> int:
+    if e.code is None or isinstance(e.code, int):
+        return e.code or 0
+    print(e.code, file=sys.stderr)
+    return 1
 
 
 def _version(dist: str) -> str:
@@ -235,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "bench" and rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
     except SystemExit as e:  # --help, --version, or a bad argument (already reported)
-        return e.code if isinstance(e.code, int) else 0
+        return _exit_code(e)
     try:
         return _bench(rest) if args.command == "bench" else args.func(args)
     except UsageError as e:
