@@ -218,6 +218,10 @@ def train(config: Config, data: Data, name: str, progress: Progress | None = Non
         opt = FusedSGD(groups, lr=config.lr * lr_scale, momentum=config.momentum,
                        max_grad_norm=config.max_grad_norm, schedule=schedule, backend=config.backend)
         history = History(name, steps, "")
+
+    def next_lr() -> float:  # for the progress bar; FusedSGD reads its step count from the device
+        return sched.get_last_lr()[0] if name == CONTROL else opt.current_lr()[0]
+
     sync = time_steps and device.type == "cuda"  # CUDA runs asynchronously: time it synchronised
     recorder = _Recorder(history, every=1 if device.type == "cpu" else 25)
     task = None if progress is None else progress.add_task(name, total=steps, loss=math.nan, acc=0.0, lr=0.0,
@@ -252,8 +256,7 @@ def train(config: Config, data: Data, name: str, progress: Progress | None = Non
             evals.append(_test_accuracy(model, data))
         correct = (logits.detach().argmax(1) == data.y_train[idx]).float().mean()
         if recorder.add(loss, correct, norm) and progress is not None:
-            lr_now = sched.get_last_lr()[0] if name == CONTROL else opt.current_lr()[0]
-            _show(progress, task, history, k + 1, lr_now)
+            _show(progress, task, history, k + 1, next_lr())
     recorder.flush()
     history.test_acc = torch.stack(evals).tolist()
     history.total_time_s = time.perf_counter() - start
@@ -261,7 +264,7 @@ def train(config: Config, data: Data, name: str, progress: Progress | None = Non
     if name != CONTROL:
         history.backend = opt.backend
     if progress is not None:
-        _show(progress, task, history, steps, history.lr[-1])
+        _show(progress, task, history, steps, next_lr())
     return history
 
 

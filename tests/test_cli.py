@@ -66,10 +66,6 @@ def test_demo_console_script(tmp_path):
     assert_png(tmp_path / "demo.png")
     assert_loss_drops(json.loads((tmp_path / "demo.json").read_text()))
 
-    bad = subprocess.run([str(script), "demo", "--steps", "-3"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode != 0
-    assert bad.stderr.count("\n") == 1 and "--steps" in bad.stderr and "Traceback" not in bad.stderr
-
 
 def test_compare_tiny(tmp_path, capsys):
     rc = main(["demo", "--compare", "--steps", "6", "--out", str(tmp_path), "--no-progress"])
