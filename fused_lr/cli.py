@@ -7,6 +7,7 @@ import math
 import platform
 import sys
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -93,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="FusedSGD backend (default auto: the best one available for --device)")
     demo.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:N")
     demo.add_argument("--threads", type=_positive_int, default=1,
-                      help="torch CPU threads (default 1: the model is small, so extra threads gain little on "
-                           "idle cores and cost many-fold on busy ones)")
+                      help="CPU threads for torch and the numba kernels (default 1: the model is small, so extra "
+                           "threads gain little on idle cores and cost many-fold on busy ones)")
     demo.add_argument("--out", type=Path, default=Path("fused_lr_out"),
                       help="folder for the PNG and the metrics (default ./fused_lr_out)")
     demo.add_argument("--compare", action="store_true",
@@ -149,7 +150,6 @@ def _check_out(out: Path) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
     from rich.console import Console
 
     from .demo import Config, ConfigError, run_compare, run_demo
@@ -167,15 +167,36 @@ def _demo(args: argparse.Namespace) -> int:
     console = None if args.no_progress else Console(stderr=True)
     if console is not None and not console.is_terminal:
         console.width = 120  # a log gets the final state of each bar: keep the metrics on one line
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     try:
-        (run_compare if args.compare else run_demo)(config, args.out, console)
+        with _cpu_threads(args.threads):
+            (run_compare if args.compare else run_demo)(config, args.out, console)
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    finally:  # main() may run inside a larger process (the tests): leave its thread count alone
-        torch.set_num_threads(threads)
     return 0
+
+
+@contextmanager
+def _cpu_threads(n: int):
+    """torch's and numba's thread counts set to ``n`` for the block, then restored: main() may
+    run inside a larger process (the tests). Both matter: numba's OpenMP workers spin after each
+    parallel step, and on a busy 2-core machine that was measured to slow torch's forward and
+    backward passes 10-60x."""
+    import torch
+
+    try:
+        import numba
+    except ImportError:
+        numba = None
+    saved = torch.get_num_threads(), numba.get_num_threads() if numba else None
+    torch.set_num_threads(n)
+    if numba:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        if numba:
+            numba.set_num_threads(saved[1])
 
 
 def _bench(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ import torch
 
 from fused_lr import available_backends
 from fused_lr.backends import NAMES
-from fused_lr.cli import main
+from fused_lr.cli import _cpu_threads, main
 from fused_lr.demo import COMPARED, CONTROL, Config, load_data, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,12 +20,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    # as `fused-lr demo` does by default: the model is tiny, and on a busy machine torch's
-    # intra-op threads make it many times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    # as `fused-lr demo` does by default: the model is tiny, and on a busy machine more torch or
+    # numba threads make it many times slower
+    with _cpu_threads(1):
+        yield
 
 
 def assert_png(path: Path) -> None:
