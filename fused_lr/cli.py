@@ -1,11 +1,283 @@
-"""The ``fused-lr`` command."""
+"""The ``fused-lr`` command: ``demo`` (and ``demo --compare``), ``bench``, ``info``."""
 
+from __future__ import annotations
+
+import argparse
+import math
+import platform
 import sys
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+from . import __version__, backends
+
+DEMO_EPOCHS = 20
+COMPARE_EPOCHS = 8  # per run: ten runs must fit in about the time of one demo
 
 
-def main(argv=None) -> int:
-    print("fused-lr: the demo is not built yet")
+class UsageError(Exception):
+    """A bad argument found after parsing; reported in one line, without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # one line instead of argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _integer(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(minimum: float, inclusive: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {minimum}, "
+                                             f"got {text}")
+        return value
+
+    return parse
+
+
+_positive_int, _non_negative_int = _integer(1), _integer(0)
+_positive_float, _non_negative_float = _number(0.0, inclusive=False), _number(0.0, inclusive=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import STRATEGIES
+
+    parser = _Parser(prog="fused-lr", description="fused_lr: clipping, weight decay, momentum and a scheduled "
+                     "lr in one fused optimizer step.")
+    parser.add_argument("--version", action="version", version=f"fused_lr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,info}")
+
+    demo = sub.add_parser(
+        "demo", help="train a small ResNet on scikit-learn's digits with FusedSGD",
+        description="Train fused_lr.models.digits_resnet on scikit-learn's 8x8 handwritten digits (fixed 75/25 "
+                    "split) with FusedSGD: linear warm-up then --schedule, global-norm clipping, no weight decay "
+                    "on BN/bias. Prints the held-out accuracy and writes demo.png (loss, accuracy, lr, gradient "
+                    "norm per step) and demo.json to --out. With --compare: one run per seed strategy plus "
+                    "torch.optim.SGD + clip_grad_norm_ + CosineAnnealingLR as the control, "
+                    f"{COMPARE_EPOCHS} epochs each by default, no warm-up; writes compare.png and compare.csv.")
+    budget = demo.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=_positive_int,
+                        help=f"passes over the training set (default {DEMO_EPOCHS}; {COMPARE_EPOCHS} per run "
+                             "with --compare)")
+    budget.add_argument("--steps", type=_positive_int, help="optimizer steps in total, instead of --epochs")
+    demo.add_argument("--batch-size", type=_positive_int, default=64, help="default 64")
+    demo.add_argument("--lr", type=_positive_float, default=0.1, help="peak learning rate (default 0.1)")
+    demo.add_argument("--momentum", type=_non_negative_float, default=0.9, help="default 0.9")
+    demo.add_argument("--weight-decay", type=_non_negative_float, default=5e-4,
+                      help="on conv and linear weights only (default 5e-4)")
+    demo.add_argument("--max-grad-norm", type=_positive_float, default=1.0, help="global-norm clipping (default 1)")
+    demo.add_argument("--schedule", choices=sorted(STRATEGIES), default=None,
+                      help="the lr schedule after warm-up (default cosine; not with --compare)")
+    demo.add_argument("--warmup", type=_non_negative_int, default=None,
+                      help="linear warm-up steps (default 5%% of the steps; not with --compare)")
+    demo.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default 0)")
+    demo.add_argument("--backend", choices=("auto", *backends.NAMES), default="auto",
+                      help="FusedSGD backend (default auto: the best one available for --device)")
+    demo.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:N")
+    demo.add_argument("--threads", type=_positive_int, default=1,
+                      help="CPU threads for torch and the numba kernels (default 1: the model is small, so extra "
+                           "threads gain little on idle cores and cost many-fold on busy ones)")
+    demo.add_argument("--out", type=Path, default=Path("fused_lr_out"),
+                      help="folder for the PNG and the metrics (default ./fused_lr_out)")
+    demo.add_argument("--compare", action="store_true",
+                      help="compare the seeds' lr strategies and a stock torch control instead")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_demo)
+
+    # bench parses its own arguments (fused_lr.bench.main); main() hands it everything after "bench"
+    sub.add_parser("bench", add_help=False, help="optimizer-step benchmarks (fused-lr bench --help for options)")
+    info = sub.add_parser("info", help="versions, device and which backends are usable here")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: the demo runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def _check_backend(name: str, device) -> None:
+    if name == "auto":
+        return
+    status = backends.available_backends()[name]
+    if status is not True:
+        raise UsageError(f"--backend {name} is unavailable: {status}")
+    if device.type not in backends.devices(name):
+        raise UsageError(f"--backend {name} runs on {'/'.join(sorted(backends.devices(name)))} tensors, "
+                         f"not on --device {device}")
+
+
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .demo import Config, ConfigError, run_compare, run_demo
+
+    if args.compare and (args.schedule is not None or args.warmup is not None):
+        raise UsageError("--schedule and --warmup set up a single run; --compare runs every strategy without "
+                         "warm-up")
+    device = _device(args.device)
+    _check_backend(args.backend, device)
+    _check_out(args.out)
+    config = Config(steps=args.steps, epochs=args.epochs or (COMPARE_EPOCHS if args.compare else DEMO_EPOCHS),
+                    batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                    max_grad_norm=args.max_grad_norm, warmup=args.warmup, schedule=args.schedule or "cosine",
+                    seed=args.seed, backend=args.backend, device=str(device))
+    console = None if args.no_progress else Console(stderr=True)
+    if console is not None and not console.is_terminal:
+        console.width = 120  # a log gets the final state of each bar: keep the metrics on one line
+    try:
+        with _cpu_threads(args.threads):
+            (run_compare if args.compare else run_demo)(config, args.out, console)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     return 0
+
+
+@contextmanager
+def _cpu_threads(n: int):
+    """torch's and numba's thread counts set to ``n`` for the block, then restored: main() may
+    run inside a larger process (the tests). Both matter: numba's OpenMP workers spin after each
+    parallel step, and on a busy 2-core machine that was measured to slow torch's forward and
+    backward passes 10-60x."""
+    import torch
+
+    try:
+        import numba
+    except ImportError:
+        numba = None
+    saved = torch.get_num_threads(), numba.get_num_threads() if numba else None
+    torch.set_num_threads(n)
+    if numba:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        if numba:
+            numba.set_num_threads(saved[1])
+
+
+def _bench(argv: list[str]) -> int:
+    try:
+        from .bench import main as bench_main
+    except ModuleNotFoundError as e:
+        if e.name != "fused_lr.bench":
+            raise
+        raise UsageError("this installation has no fused_lr.bench") from None
+    try:
+        return bench_main(argv)
+    except SystemExit as e:  # its own argparse: --help, or a bad argument it has reported
+        return _exit_code(e)
+
+
+def _exit_code(e: SystemExit) -> int:
+    if e.code is None or isinstance(e.code, int):
+        return e.code or 0
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _info(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    print(f"fused_lr {__version__}")
+    print(f"python   {platform.python_version()} ({platform.python_implementation()}, {sys.platform})")
+    print(f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'}, {torch.get_num_threads()} CPU threads)")
+    for dist in ("numpy", "numba", "triton"):
+        print(f"{dist:<8} {_version(dist)}")
+    print(f"cpu      {_cpu_name()} ({os.cpu_count()} logical cores)")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            print(f"cuda:{i}   {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+    else:
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device visible"
+        print(f"cuda     none ({why})")
+    print("backends")
+    for name, status in backends.available_backends().items():
+        where = "/".join(sorted(backends.devices(name)))
+        print(f"  {name:<10} " + (f"usable on {where}" if status is True else f"unavailable: {status}"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, rest = parser.parse_known_args(argv)
+        if args.command != "bench" and rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    except SystemExit as e:  # --help, --version, or a bad argument (already reported)
+        return _exit_code(e)
+    try:
+        return _bench(rest) if args.command == "bench" else args.func(args)
+    except UsageError as e:
+        print(f"fused-lr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fused-lr {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
