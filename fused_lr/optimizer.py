@@ -220,6 +220,10 @@ class FusedSGD(Optimizer):
         """The name of the backend the last step ran on (None before the first step)."""
         return None if self._backend is None else self._backend.name
 
+    # torch.compile: a compiled training step graph-breaks here and runs the step eagerly. The
+    # step is a few fused launches planned in Python; tracing it would gain nothing and would
+    # guard on every group's hyper-parameters (a recompile whenever a scheduler moves the lr).
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
