@@ -10,6 +10,7 @@ implementation (torch <-> FusedSGD) agree to 1e-10 relative in float64: only the
 coefficient's reduction order differs (~1e-15 per step).
 """
 
+import importlib.util
 import math
 import os
 import subprocess
@@ -204,21 +205,30 @@ def run_example(*args):
     return proc.stdout
 
 
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("train_loop", ROOT / "examples" / "train_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("scheduler", ["fused", "torch"])
 @pytest.mark.parametrize("backend,device", backend_cases())
-def test_example_train_loop_resumes(backend, device, scheduler, tmp_path):
-    """examples/train_loop.py (autocast + GradScaler + checkpoint) with a tiny budget: stopped
-    and resumed in a new process, it ends bit for bit where the uninterrupted run ends."""
+def test_example_train_loop_resumes(backend, device, scheduler, tmp_path, example, capsys):
+    """examples/train_loop.py (autocast + GradScaler + checkpoint) with a tiny budget: run here
+    with a checkpoint at step 3, then resumed from it in a new process, it ends bit for bit
+    where the uninterrupted run ends."""
     if device != "cpu":
         pytest.skip("the example picks its own device; its CPU run is the one tested here")
     common = ["--steps", "8", "--backend", backend, "--scheduler", scheduler]
-    full = run_example(*common, "--save-at", "3", "--ckpt", str(tmp_path / "ck.pt"))
+    example.main([*common, "--save-at", "3", "--ckpt", str(tmp_path / "ck.pt")])
+    full = capsys.readouterr().out
     resumed = run_example(*common, "--resume", str(tmp_path / "ck.pt"))
     final = [line for line in full.splitlines() if line.startswith("final")]
     assert f"backend {backend}" in full
     assert final and final == [line for line in resumed.splitlines() if line.startswith("final")]
     assert "step     1" not in resumed  # it did continue, not restart
-
 
 if __name__ == "__main__":
     resume_main(*sys.argv[1:])
