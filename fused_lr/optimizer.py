@@ -7,6 +7,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from . import backends
@@ -48,6 +49,11 @@ class FusedSGD(Optimizer):
     Replaces ``clip_grad_value_`` + ``clip_grad_norm_`` + ``torch.optim.SGD`` + an lr scheduler
     with one optimizer step; the semantics are SPEC.md's and equal torch's. Positional
     arguments follow ``torch.optim.SGD``; everything after ``nesterov`` is keyword-only.
+
+    ``process_group``: when each rank holds only a shard of the parameters (ZeRO/FSDP style),
+    the ranks of this group all-reduce the squared gradient norm, so clipping (and
+    ``error_if_nonfinite``) sees the norm of the whole model. Every rank must then call
+    ``step()`` together. Leave it None under DDP, where every rank holds every parameter.
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
@@ -57,11 +63,14 @@ class FusedSGD(Optimizer):
                  decoupled_weight_decay: bool = False, maximize: bool = False,
                  max_grad_norm: float | None = None, clip_value: float | None = None,
                  error_if_nonfinite: bool = False, schedule: Schedule | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", process_group=None):
         if max_grad_norm is not None and (not _finite_number(max_grad_norm) or max_grad_norm <= 0):
             raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
         if clip_value is not None and (not _finite_number(clip_value) or clip_value <= 0):
             raise ValueError(f"clip_value must be a finite number > 0 or None, got {clip_value!r}")
+        if process_group is not None and not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, "
+                            f"got {type(process_group).__name__}")
         backends.check_name(backend)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay,
@@ -71,6 +80,7 @@ class FusedSGD(Optimizer):
         self.clip_value = clip_value
         self.error_if_nonfinite = error_if_nonfinite
         self.backend_name = backend
+        self.process_group = process_group
         self.last_grad_norm: torch.Tensor | None = None
         self._backend = None
         super().__init__(params, defaults)
@@ -115,6 +125,15 @@ class FusedSGD(Optimizer):
         sd = super().state_dict()
         for g in sd["param_groups"]:
             g.pop("schedule", None)
+        # A GradScaler-skipped first step leaves a buffer that holds no momentum yet (allocated
+        # before the kernel saw found_inf; step count 0 marks it). torch.optim.SGD would take any
+        # saved buffer for real momentum, so such buffers stay out, as torch's do before a first step.
+        with_buf = [(i, st) for i, st in sd["state"].items() if "momentum_buffer" in st and "step" in st]
+        if with_buf:
+            taken = torch.stack([st["step"] for _, st in with_buf]).tolist()  # one host read
+            for (i, st), k in zip(with_buf, taken, strict=True):
+                if k == 0:
+                    sd["state"][i] = {key: v for key, v in st.items() if key != "momentum_buffer"}
         return sd
 
     def load_state_dict(self, state_dict):
@@ -197,6 +216,10 @@ class FusedSGD(Optimizer):
         """The name of the backend the last step ran on (None before the first step)."""
         return None if self._backend is None else self._backend.name
 
+    # torch.compile: a compiled training step graph-breaks here and runs the step eagerly. The
+    # step is a few fused launches planned in Python; tracing it would gain nothing and would
+    # guard on every group's hyper-parameters (a recompile whenever a scheduler moves the lr).
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -204,12 +227,20 @@ class FusedSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plan = self._plan()
+        needs_norm = self.max_grad_norm is not None or self.error_if_nonfinite
         if plan is None:
+            if needs_norm and self.process_group is not None:
+                # the other ranks block in the all-reduce until this rank adds its (empty) share
+                params = [p for g in self.param_groups for p in g["params"]]
+                dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+                self._global_norm(torch.zeros((), dtype=dtype, device=params[0].device))
             return loss
         backend = self._backend_for(plan.device)
         norm = None
-        if self.max_grad_norm is not None or self.error_if_nonfinite:
+        if needs_norm:
             norm = backend.grad_norm(plan)
+            if self.process_group is not None:
+                norm = self._global_norm(norm)
             if self.error_if_nonfinite and not bool(torch.isfinite(norm)):
                 skipped = plan.found_inf is not None and bool(plan.found_inf)
                 if not skipped:
@@ -220,6 +251,13 @@ class FusedSGD(Optimizer):
         backend.update(plan, norm if self.max_grad_norm is not None else None)
         self.last_grad_norm = norm
         return loss
+
+    def _global_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """The gradient norm over every rank's shard: sqrt of the all-reduced squared local norms.
+        Stays on the device (a collective enqueued like any kernel, no host round trip)."""
+        squared = norm * norm
+        dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=self.process_group)
+        return squared.sqrt()
 
     # ---------------------------------------------------------------- introspection
     def current_lr(self) -> list[float]:

@@ -1,0 +1,234 @@
+"""Checkpoints: save mid-schedule, resume in a fresh process, interoperate with torch.optim.SGD.
+
+A FusedSGD checkpoint is ``torch.optim.SGD``'s layout (``momentum_buffer`` per param) plus a
+per-param ``step``, which is the schedule position; schedules themselves are configuration,
+rebuilt by the code that resumes, so every checkpoint loads with ``weights_only=True``.
+
+Tolerances. A resumed run repeats the uninterrupted run's operations in the same order, so on
+the same backend they agree exactly (asserted bit for bit). Runs that continue on another
+implementation (torch <-> FusedSGD) agree to 1e-10 relative in float64: only the clip
+coefficient's reduction order differs (~1e-15 per step).
+"""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cases import backend_cases, batches, make_model, max_rel_diff, split_groups
+from torch.optim import lr_scheduler as lrs
+
+from fused_lr import FusedSGD, schedules
+
+STEPS, SAVE_AT = 12, 5
+CFG = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+MAX_NORM = 0.05
+SCHEDULE = schedules.Warmup(3, schedules.Cosine(STEPS - 3), start_factor=0.1)
+SECOND_LR, SECOND_SCHEDULE = 0.05, schedules.Exponential(0.9)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fused_opt(model, backend, schedule=True):
+    decay, no_decay = split_groups(model)
+    second = dict(params=no_decay, lr=SECOND_LR, weight_decay=0.0, schedule=SECOND_SCHEDULE if schedule else None)
+    return FusedSGD([dict(params=decay), second], max_grad_norm=MAX_NORM, backend=backend,
+                    schedule=SCHEDULE if schedule else None, **CFG)
+
+
+def torch_opt(model):
+    decay, no_decay = split_groups(model)
+    return torch.optim.SGD([dict(params=decay), dict(params=no_decay, lr=SECOND_LR, weight_decay=0.0)],
+                           foreach=False, **CFG)
+
+
+def train(model, opt, data, clip=False, on_step=None):
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        opt.step()
+        if on_step is not None:
+            on_step()
+
+
+def load(path, device):
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def resume_main(backend, device, ckpt, out):
+    """Runs in a fresh interpreter: rebuild model and optimizer from code, load, continue."""
+    model = make_model(torch.float64, device, seed=1234)  # other weights: the load must overwrite them
+    opt = fused_opt(model, backend)
+    state = load(ckpt, device)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    train(model, opt, list(batches(STEPS, torch.float64, device))[SAVE_AT:])
+    torch.save({"model": model.state_dict(), "lr": opt.current_lr()}, out)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_resume_in_fresh_process(backend, device, tmp_path):
+    data = list(batches(STEPS, torch.float64, device))
+    full = make_model(torch.float64, device)
+    full_opt = fused_opt(full, backend)
+    train(full, full_opt, data)
+
+    part = make_model(torch.float64, device)
+    part_opt = fused_opt(part, backend)
+    train(part, part_opt, data[:SAVE_AT])
+    assert part_opt.current_lr() != full_opt.current_lr()  # saved mid-schedule
+    torch.save({"model": part.state_dict(), "opt": part_opt.state_dict()}, tmp_path / "ckpt.pt")
+
+    out = tmp_path / "resumed.pt"
+    proc = subprocess.run([sys.executable, __file__, backend, device, str(tmp_path / "ckpt.pt"), str(out)],
+                          capture_output=True, text=True, cwd=ROOT, env=os.environ, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    resumed = load(out, device)
+    assert resumed["lr"] == full_opt.current_lr()
+    for name, value in full.state_dict().items():
+        assert torch.equal(resumed["model"][name], value), name
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_load_onto_float64(backend, device, tmp_path):
+    """A float32 checkpoint resumed in float64 (model.to(float64), then load): the buffers are
+    cast to the parameters' dtype, the step counts are kept. The oracle is torch.optim.SGD
+    resuming from the very same checkpoint with the same lr per step."""
+    data32 = list(batches(STEPS, torch.float32, device))
+    model = make_model(torch.float32, device)
+    opt = fused_opt(model, backend)
+    train(model, opt, data32[:SAVE_AT])
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = load(tmp_path / "ckpt.pt", device)
+    data = list(batches(STEPS, torch.float64, device))[SAVE_AT:]
+
+    got = make_model(torch.float32, device, seed=7).to(torch.float64)
+    got_opt = fused_opt(got, backend)
+    got.load_state_dict(saved["model"])
+    got_opt.load_state_dict(saved["opt"])
+    for p in got.parameters():
+        st = got_opt.state[p]
+        assert st["momentum_buffer"].dtype == torch.float64
+        assert st["step"].dtype == torch.float32 and float(st["step"]) == SAVE_AT
+    train(got, got_opt, data)
+
+    expected = make_model(torch.float32, device, seed=7).to(torch.float64)
+    exp_opt = torch_opt(expected)
+    expected.load_state_dict(saved["model"])
+    exp_opt.load_state_dict(saved["opt"])
+    k = SAVE_AT
+
+    def set_lr():  # the lr of the next step, k = steps taken so far
+        exp_opt.param_groups[0]["lr"] = CFG["lr"] * SCHEDULE(k)
+        exp_opt.param_groups[1]["lr"] = SECOND_LR * SECOND_SCHEDULE(k)
+
+    def advance():
+        nonlocal k
+        k += 1
+        set_lr()
+
+    set_lr()
+    train(expected, exp_opt, data, clip=True, on_step=advance)
+    assert max_rel_diff(expected, got) <= 1e-10
+
+
+def interop_run(first, second, backend, device, tmp_path):
+    """SAVE_AT steps on ``first`` ("torch" or "fused"), checkpoint (model, optimizer, StepLR),
+    then the rest on ``second`` from that checkpoint. A torch scheduler drives both."""
+    data = list(batches(STEPS, torch.float64, device))
+
+    def build(kind, seed):
+        model = make_model(torch.float64, device, seed)
+        opt = torch_opt(model) if kind == "torch" else fused_opt(model, backend, schedule=False)
+        return model, opt, lrs.StepLR(opt, step_size=4, gamma=0.5)
+
+    model, opt, sched = build(first, 0)
+    train(model, opt, data[:SAVE_AT], clip=first == "torch", on_step=sched.step)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
+               tmp_path / f"{first}.pt")
+    state = load(tmp_path / f"{first}.pt", device)
+    model, opt, sched = build(second, 99)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    train(model, opt, data[SAVE_AT:], clip=second == "torch", on_step=sched.step)
+    return model
+
+
+@pytest.mark.parametrize("direction", ["torch-to-fused", "fused-to-torch"])
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_checkpoint_interop(backend, device, direction, tmp_path):
+    first, second = direction.split("-to-")
+    expected = interop_run("torch", "torch", backend, device, tmp_path)
+    got = interop_run(first, second, backend, device, tmp_path)
+    assert max_rel_diff(expected, got) <= 1e-10
+    assert max_rel_diff(expected, make_model(torch.float64, device)) > 1e-3  # it trained
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_checkpoint_after_skipped_first_step(backend, device, tmp_path):
+    """The first step skipped by GradScaler leaves FusedSGD a buffer with no momentum in it
+    yet; a checkpoint taken then must not hand it to torch.optim.SGD as real momentum."""
+    def skip_first(model, opt):
+        scaler = torch.amp.GradScaler(device)
+        x, y = next(batches(1, torch.float64, device))
+        scaler.scale(torch.nn.functional.cross_entropy(model(x), y) * math.inf).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    data = list(batches(4, torch.float64, device, seed=5))
+    expected = make_model(torch.float64, device)
+    exp_opt = torch_opt(expected)
+    skip_first(expected, exp_opt)
+    train(expected, exp_opt, data, clip=True)
+
+    model = make_model(torch.float64, device)
+    opt = fused_opt(model, backend, schedule=False)
+    skip_first(model, opt)
+    torch.save(opt.state_dict(), tmp_path / "skipped.pt")
+    got_opt = torch_opt(model)
+    got_opt.load_state_dict(load(tmp_path / "skipped.pt", device))
+    assert all("momentum_buffer" not in got_opt.state[p] for p in model.parameters())
+    train(model, got_opt, data, clip=True)
+    assert max_rel_diff(expected, model) <= 1e-10
+
+
+def run_example(*args):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_loop.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, env=os.environ, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("train_loop", ROOT / "examples" / "train_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("scheduler", ["fused", "torch"])
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_example_train_loop_resumes(backend, device, scheduler, tmp_path, example, capsys):
+    """examples/train_loop.py (autocast + GradScaler + checkpoint) with a tiny budget: run here
+    with a checkpoint at step 3, then resumed from it in a new process, it ends bit for bit
+    where the uninterrupted run ends."""
+    if device != "cpu":
+        pytest.skip("the example picks its own device; its CPU run is the one tested here")
+    common = ["--steps", "8", "--backend", backend, "--scheduler", scheduler]
+    example.main([*common, "--save-at", "3", "--ckpt", str(tmp_path / "ck.pt")])
+    full = capsys.readouterr().out
+    resumed = run_example(*common, "--resume", str(tmp_path / "ck.pt"))
+    final = [line for line in full.splitlines() if line.startswith("final")]
+    assert f"backend {backend}" in full
+    assert final and final == [line for line in resumed.splitlines() if line.startswith("final")]
+    assert "step     1" not in resumed  # it did continue, not restart
+
+if __name__ == "__main__":
+    resume_main(*sys.argv[1:])
