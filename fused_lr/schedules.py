@@ -264,7 +264,7 @@ class Cyclic(Schedule):
         if self.mode == "triangular":
             amp = 1.0
         elif self.mode == "triangular2":
-            amp = 1 / (2.0 ** (cycle - 1))
+            amp = 0.5 ** (cycle - 1)  # not 1/2**n: that overflows after ~1000 cycles
         else:
             amp = self.gamma**k
         return 1.0 + (self.max_factor - 1.0) * scale * amp

@@ -178,3 +178,8 @@ def test_too_many_segments_is_refused():
     assert s(39) == pytest.approx(0.9**39)  # the host formula still works
     with pytest.raises(ValueError, match="segments"):
         s.table()
+
+
+def test_cyclic_triangular2_far_out_does_not_overflow():
+    s = S.Cyclic(2.0, 3, 5, mode="triangular2")
+    assert s(12345) == S.eval_table(s.table(), 12345) == 1.0  # the amplitude has halved to nothing
