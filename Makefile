@@ -3,9 +3,10 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-$(BIN)/fused-lr: pyproject.toml setup.py constraints-cpu.txt CMakeLists.txt
+$(BIN)/fused-lr: pyproject.toml setup.py constraints-cpu.txt CMakeLists.txt $(wildcard csrc/*.cu csrc/*.h csrc/*.cpp)
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints-cpu.txt -e ".[demo,test]"
+	touch $@
 
 .PHONY: demo test bench
 demo: $(BIN)/fused-lr
