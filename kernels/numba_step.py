@@ -142,9 +142,10 @@ def _sumsq(grads, numel, chunk_t, chunk_lo, chunk_hi, scalars):
     inv, clip = scalars[0], scalars[1]
     for c in prange(chunk_t.shape[0]):
         t = chunk_t[c]
-        g = carray(_pointer(grads[t], scalars), numel[t])
+        # a zero-based slice: indices provably >= 0 let LLVM drop the wraparound check and vectorise
+        g = carray(_pointer(grads[t], scalars), numel[t])[chunk_lo[c]:chunk_hi[c]]
         acc = 0.0
-        for i in range(chunk_lo[c], chunk_hi[c]):
+        for i in range(g.shape[0]):
             x = min(max(g[i] * inv, -clip), clip)
             acc += np.float64(x) * np.float64(x)
         partial[c] = acc
@@ -188,10 +189,11 @@ def _update(addr, numel, group, fresh, chunk_t, chunk_lo, chunk_hi, hyper, flags
         inv, clip, coef = cs[C_INV], cs[C_CLIP], cs[C_COEF]
         maximize, nesterov, decoupled = f[F_MAXIMIZE] != 0, f[F_NESTEROV] != 0, f[F_DECOUPLED] != 0
         momentum, decay, first = f[F_MOMENTUM] != 0, f[F_DECAY] != 0, init[t]
-        p = carray(_pointer(addr[t, 0], consts), numel[t])
-        g = carray(_pointer(addr[t, 1], consts), numel[t])
-        b = carray(_pointer(addr[t, 2 if momentum else 0], consts), numel[t])
-        for i in range(chunk_lo[c], chunk_hi[c]):
+        lo, hi = chunk_lo[c], chunk_hi[c]
+        p = carray(_pointer(addr[t, 0], consts), numel[t])[lo:hi]
+        g = carray(_pointer(addr[t, 1], consts), numel[t])[lo:hi]
+        b = carray(_pointer(addr[t, 2 if momentum else 0], consts), numel[t])[lo:hi]
+        for i in range(p.shape[0]):
             x = g[i] * inv
             if maximize:
                 x = -x
