@@ -214,15 +214,6 @@ def _update(addr, numel, group, fresh, chunk_t, chunk_lo, chunk_hi, hyper, flags
         carray(_pointer(addr[t, 3], k_like), 1)[0] += 1
 
 
-@njit(parallel=True, cache=True)
-def stream(a, b, c):
-    """The streaming bound's reference pass: read a, b, c, write a and c (a step's traffic)."""
-    for i in prange(a.shape[0]):
-        x = a[i] + b[i]
-        c[i] = c[i] + x
-        a[i] = x
-
-
 class _Table:
     """The work list for the tensors of one dtype: addresses, sizes and chunk bounds."""
 
