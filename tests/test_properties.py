@@ -5,14 +5,16 @@ clipping settings, a GradScaler scale (with skipped steps), the schedule and the
 starts from; the test runs one to three steps on the backend under test and on the reference
 and compares parameters, momentum buffers, step counts and the global norm.
 
-Tolerances, relative to each tensor's scale (max |value| before and after the step):
-float64 1e-12: per element both sides do the same IEEE operations; only the global norm is
-summed in another order (moving the clip coefficient by a few 1e-16) and a kernel may fuse
-a*b+c, which changes the last bit of a step. float32 2e-5 (~170 ulps): the float32 norm is
-reduced in another order (and kernels may accumulate it in float64), so the clip coefficient
-can differ by a few ulps; through up to three steps of momentum and coupled decay that stays
-far below this bound, while any real formula slip (a missing factor, the wrong step count
-for the schedule, a wrong momentum initialisation) moves values by whole percent.
+Tolerances, relative to each tensor's scale (max |value| before and after the steps):
+float64 1e-12 (measured worst over 400 examples: 1.4e-15): per element both sides do the
+same IEEE operations; only the global norm is summed in another order, and a kernel may fuse
+a*b+c. float32 2e-4 (measured worst over 400 examples: 7.2e-5): the reference takes the
+float32 norm from torch.linalg.vector_norm, which on CPU accumulates in float32 and is off by
+~1.6e-5 relative on a 100k-element clipped gradient, while a kernel may accumulate in float64
+(the Numba one does: ~1e-8). That moves the clip coefficient, hence every update of a clipped
+step, by the same relative amount, and momentum carries it over up to three steps. A formula
+slip (a missing factor, the schedule read at the wrong step, a wrong momentum start) moves
+values by whole percent.
 """
 
 import pytest
@@ -23,7 +25,7 @@ from hypothesis import strategies as st
 
 from fused_lr import FusedSGD, schedules
 
-TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+TOL = {torch.float64: 1e-12, torch.float32: 2e-4}
 EXAMPLES = 25
 SLOW_EXAMPLES = 5  # Triton under its CPU interpreter runs each program in Python
 
