@@ -26,9 +26,9 @@ KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, max_grad_norm=0.5, schedule=s
 
 
 def odd_params(dtype, seed=0):
-    """Sizes 1, odd, and across one and two CHUNK boundaries."""
+    """0-dim, empty, sizes 1, odd, and across one and two CHUNK boundaries."""
     g = torch.Generator().manual_seed(seed)
-    sizes = [(1,), (3,), (7, 5), (numba_step.CHUNK + 1,), (2 * numba_step.CHUNK + 13,), (17, 3, 3)]
+    sizes = [(), (0,), (1,), (3,), (7, 5), (numba_step.CHUNK + 1,), (2 * numba_step.CHUNK + 13,), (17, 3, 3)]
     return [nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in sizes]
 
 
@@ -40,6 +40,9 @@ def set_grads(params, seed):
 
 def assert_close(got, expected, dtype):
     for a, b in zip(got, expected, strict=True):
+        assert a.shape == b.shape
+        if b.numel() == 0:
+            continue
         scale = b.detach().abs().max().clamp_min(1e-30)
         assert float((a.detach() - b.detach()).abs().max() / scale) <= TOL[dtype]
 
