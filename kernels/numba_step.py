@@ -15,6 +15,7 @@ to the reference backend with a one-time warning saying why.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 
 import numpy as np
@@ -44,6 +45,7 @@ from fused_lr.schedules import (
 # ResNet-sized models give each core dozens of chunks to balance.
 CHUNK = 1 << 16
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_DTYPE_OF = operator.attrgetter("dtype")
 
 # columns of the per-group hyper-parameter table (float64)
 LR, MU, DAMP, WD = range(4)
@@ -282,17 +284,28 @@ class NumbaBackend:
         self._reference = ReferenceBackend()
         self._schedule_tables: dict[int, tuple] = {}
         self._no_fresh: dict[int, np.ndarray] = {}
+        self._norm_plan: tuple | None = None
 
     # ------------------------------------------------------------ the cached tables
     @staticmethod
-    def _key_of(plan: StepPlan, with_state: bool) -> tuple:
-        # Every address the kernels dereference plus the parameter sizes: any change in them
-        # (model.to, set_to_none + a new backward, a replaced .grad, load_state_dict) misses.
+    def _grads_key(plan: StepPlan) -> tuple:
+        # Every gradient address the norm pass dereferences, with the size, dtype and layout it
+        # reads there: a new backward after set_to_none, a replaced .grad or model.to(...) misses.
         key = []
         for g in plan.groups:
-            key += (_pointers(g.grads), tuple(map(torch.Tensor.numel, g.params)))
-            if with_state:
-                key += (_pointers(g.params), _pointers(g.bufs), _pointers(g.steps))
+            key += (_pointers(g.grads), tuple(map(torch.Tensor.numel, g.params)), tuple(map(_DTYPE_OF, g.grads)),
+                    tuple(map(torch.Tensor.stride, g.grads)))
+        return tuple(key)
+
+    def _key_of(self, plan: StepPlan, with_state: bool) -> tuple:
+        if not with_state:
+            key = self._grads_key(plan)
+            self._norm_plan = (plan, key)  # update() of the same plan reuses it
+            return key
+        seen, self._norm_plan = self._norm_plan, None
+        key = [seen[1] if seen is not None and seen[0] is plan else self._grads_key(plan)]
+        for g in plan.groups:  # and every parameter, buffer and step count address (load_state_dict)
+            key += (_pointers(g.params), _pointers(g.bufs), _pointers(g.steps))
         return tuple(key)
 
     @staticmethod
