@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=20, help="timed steps per contender (default 20)")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="fused_lr backends to time (default: every available CPU backend)")
-    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench.json and bench.png")
+    parser.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for bench.json and bench.png")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
