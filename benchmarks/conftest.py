@@ -1,0 +1,24 @@
+"""Fixtures for the step benchmarks: the contenders come from fused_lr.bench, built once per model."""
+
+import pytest
+
+from fused_lr import bench
+
+MODELS = ("resnet18", "resnet50")
+
+
+def pytest_generate_tests(metafunc):
+    if "model" in metafunc.fixturenames:
+        metafunc.parametrize("model", MODELS, scope="module")
+    if "contender" in metafunc.fixturenames:
+        names = [f"torch {impl}" for impl in bench.TORCH_IMPLS] + [f"fused_lr {b}" for b in bench.cpu_backends()]
+        metafunc.parametrize("contender", names)
+
+
+@pytest.fixture(scope="module")
+def steps(model):
+    """Every contender's step function for ``model`` plus the two streaming passes."""
+    fns = bench.contenders(model, bench.cpu_backends())
+    numel = sum(p.numel() for g in bench.parameter_groups(model) for p in g["params"])
+    fns.update(bench.stream_steps(numel))
+    return fns

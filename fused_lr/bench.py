@@ -1,0 +1,229 @@
+"""CPU step benchmark: torch's SGD paths against the fused_lr backends on ResNet parameter sets.
+
+Every contender performs the same training step on the exact parameter set of a ResNet (fp32,
+random gradients): global-norm clipping at 1.0, weight decay 5e-4 on conv/linear weights,
+momentum 0.9, and a cosine schedule. torch does it as ``clip_grad_norm_`` + ``SGD.step()`` +
+``CosineAnnealingLR.step()`` (for-loop, foreach and fused implementations); fused_lr as one
+``FusedSGD.step()``. In the same run a plain streaming pass moves the bytes the step must move
+(the gradients once for the norm, then param, grad, buffer in and param, buffer out), which
+gives the machine's bound for the step. Contenders are timed interleaved, one step each per
+round, so a change in machine load hits all of them alike.
+
+Used by ``fused-lr bench`` (:func:`main`) and by the pytest-benchmark suite in benchmarks/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import backends, models
+from .optimizer import FusedSGD
+from .schedules import Cosine
+
+MODELS = {"resnet18": models.resnet18, "resnet50": models.resnet50}
+LR, MOMENTUM, WEIGHT_DECAY, MAX_GRAD_NORM = 0.1, 0.9, 5e-4, 1.0
+TOTAL_STEPS = 10_000  # the cosine period; long enough that the lr never reaches 0 in a benchmark
+TORCH_IMPLS = ("for-loop", "foreach", "fused")
+BASELINE = "torch fused"
+
+
+def parameter_groups(model: str, seed: int = 0) -> list[dict]:
+    """The ResNet's parameters (fp32, random gradients) in the decay / no-decay groups."""
+    torch.manual_seed(seed)
+    net = MODELS[model]()
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    return models.param_groups(net, WEIGHT_DECAY)
+
+
+def torch_step(groups: list[dict], impl: str) -> Callable[[], None]:
+    """clip_grad_norm_ + torch.optim.SGD + CosineAnnealingLR, with SGD's ``impl``."""
+    if impl not in TORCH_IMPLS:
+        raise ValueError(f"unknown torch SGD implementation {impl!r}; choose one of {TORCH_IMPLS}")
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM, foreach=impl == "foreach", fused=impl == "fused")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, TOTAL_STEPS)
+    clip_foreach = impl != "for-loop"  # the for-loop contender clips tensor by tensor too
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM, foreach=clip_foreach)
+        opt.step()
+        sched.step()
+
+    return step
+
+
+def fused_step(groups: list[dict], backend: str) -> Callable[[], None]:
+    opt = FusedSGD(groups, lr=LR, momentum=MOMENTUM, max_grad_norm=MAX_GRAD_NORM, schedule=Cosine(TOTAL_STEPS),
+                   backend=backend)
+    return opt.step
+
+
+def cpu_backends() -> list[str]:
+    """fused_lr backends that are available here and run on CPU tensors."""
+    return [n for n, ok in backends.available_backends().items() if ok is True and "cpu" in backends.devices(n)]
+
+
+def contenders(model: str, fused_backends: list[str]) -> dict[str, Callable[[], None]]:
+    """name -> step function, each on its own copy of the model's parameters."""
+    out = {f"torch {impl}": torch_step(parameter_groups(model), impl) for impl in TORCH_IMPLS}
+    out.update({f"fused_lr {b}": fused_step(parameter_groups(model), b) for b in fused_backends})
+    return out
+
+
+def stream_steps(numel: int) -> dict[str, Callable[[], None]]:
+    """The two plain passes that move a clipped step's bytes over ``numel`` fp32 elements."""
+    from fused_lr.kernels.numba_stream import read_pass, update_pass
+
+    p, g, b = (torch.rand(numel).numpy() for _ in range(3))
+    return {"stream read g": lambda: read_pass(g), "stream read p,g,b write p,b": lambda: update_pass(p, g, b)}
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], repeat: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each function, one call of each per round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+@dataclass
+class ModelResult:
+    model: str
+    tensors: int
+    numel: int
+    bytes_moved: int  # by one clipped step at the minimum: 6 fp32 passes over the parameters
+    stream_ms: float  # the streaming bound: median read pass + median update pass
+    stream_min_ms: float  # the same from the fastest pass of each (robust to load from other processes)
+    rows: list[dict] = field(default_factory=list)
+
+
+def run_model(model: str, repeat: int, fused_backends: list[str]) -> ModelResult:
+    groups = parameter_groups(model)
+    params = [p for g in groups for p in g["params"]]
+    numel = sum(p.numel() for p in params)
+    fns = contenders(model, fused_backends)
+    fns.update(stream_steps(numel))
+    times = time_interleaved(fns, repeat)
+    med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    low = {name: min(ts) * 1e3 for name, ts in times.items()}
+    passes = ("stream read g", "stream read p,g,b write p,b")
+    result = ModelResult(model, len(params), numel, 6 * 4 * numel, sum(med.pop(p) for p in passes),
+                         sum(low.pop(p) for p in passes))
+    for name, ms in med.items():
+        result.rows.append(dict(name=name, median_ms=ms, min_ms=low[name], speedup=med[BASELINE] / ms,
+                                speedup_min=low[BASELINE] / low[name], stream_fraction=result.stream_ms / ms,
+                                stream_fraction_min=result.stream_min_ms / low[name]))
+    return result
+
+
+def machine() -> dict:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "")
+    except OSError:
+        model = ""
+    import numba
+
+    return dict(cpu=model or platform.processor(), cores=torch.get_num_threads(), numba_threads=numba.get_num_threads(),
+                threading_layer=_threading_layer(), torch=torch.__version__, numba=numba.__version__,
+                python=platform.python_version(),
+                # thread wait policies change how torch and numba threads share busy cores
+                env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "NUMBA_NUM_THREADS",
+                                                     "NUMBA_THREADING_LAYER")})
+
+
+def _threading_layer() -> str:
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        return "unset"
+
+
+def format_table(results: list[ModelResult]) -> str:
+    """Ratios from medians, and in brackets from the fastest step of each (less hit by load)."""
+    lines = [f"{'model':<9} {'step':<20} {'median ms':>10} {'min ms':>8} {'x vs ' + BASELINE + ' (min)':>23} "
+             f"{'% of stream bound (min)':>24}"]
+    for r in results:
+        for row in r.rows:
+            lines.append(f"{r.model:<9} {row['name']:<20} {row['median_ms']:>10.2f} {row['min_ms']:>8.2f} "
+                         f"{row['speedup']:>15.2f} ({row['speedup_min']:5.2f}) "
+                         f"{100 * row['stream_fraction']:>15.0f}% ({100 * row['stream_fraction_min']:3.0f}%)")
+        lines.append(f"{r.model:<9} {'streaming bound':<20} {r.stream_ms:>10.2f} {r.stream_min_ms:>8.2f}   "
+                     f"{r.numel / 1e6:.1f} M params in {r.tensors} tensors, 6 fp32 passes: "
+                     f"{r.bytes_moved / r.stream_ms / 1e6:.0f} GB/s ({r.bytes_moved / r.stream_min_ms / 1e6:.0f} GB/s)")
+    return "\n".join(lines)
+
+
+def plot(results: list[ModelResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        names = [row["name"] for row in r.rows]
+        ms = [row["median_ms"] for row in r.rows]
+        colors = ["tab:gray" if n.startswith("torch") else "tab:blue" for n in names]
+        ax.barh(names, ms, color=colors)
+        ax.axvline(r.stream_ms, color="tab:red", linestyle="--", label=f"streaming bound {r.stream_ms:.1f} ms")
+        for y, v in enumerate(ms):
+            ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
+        ax.set_xlabel("ms per step (median)")
+        ax.set_title(f"{r.model} ({r.numel / 1e6:.1f} M params, {r.tensors} tensors)")
+        ax.invert_yaxis()
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle("CPU optimizer step: clip_grad_norm + weight decay + momentum + cosine schedule")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fused-lr bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["resnet18", "resnet50"])
+    parser.add_argument("--repeat", type=int, default=20, help="timed steps per contender (default 20)")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="fused_lr backends to time (default: every available CPU backend)")
+    parser.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for bench.json and bench.png")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    available = cpu_backends()
+    chosen = available if args.backends is None else args.backends
+    if missing := [b for b in chosen if b not in available]:
+        parser.error(f"backend(s) {missing} cannot run on CPU here; available: {available}")
+    results = [run_model(m, args.repeat, chosen) for m in args.models]
+    print(format_table(results))
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = dict(machine=machine(), repeat=args.repeat, results=[asdict(r) for r in results],
+                  step=dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
+                            schedule=f"cosine over {TOTAL_STEPS} steps"))
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2))
+    plot(results, args.out / "bench.png")
+    print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    return 0
+
+
+__all__ = ["main", "parameter_groups", "torch_step", "fused_step", "stream_steps", "contenders", "cpu_backends",
+           "run_model", "time_interleaved"]
