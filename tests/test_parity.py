@@ -4,11 +4,11 @@ torch side: clip_grad_value_ + clip_grad_norm_ + torch.optim.SGD + LambdaLR driv
 schedule under test (each schedule's equality with torch's own scheduler classes is
 test_schedules.py's job). Backends join by registering in fused_lr.backends, not by copying.
 
-Tolerances. float64: 1e-10 relative after 200 steps; both sides do the same IEEE operations
-except the clip coefficient's reduction order, so the gap stays near 1e-14 per step.
-float32: 2e-4 relative after 200 steps. A single step agrees to a few ulps (the norm is
-reduced in another order, and kernels fuse a*b+c), but training feeds every difference back
-through the gradients, so the gap grows over the run; measured here ~1e-5 on the reference.
+Tolerances. float64: 1e-10 relative after 200 steps (the contract); both sides do the same IEEE
+operations except the norm's reduction order and fused a*b+c in kernels, measured <= 2e-15.
+float32: 1e-5 relative after 200 steps. A single step agrees to a few ulps, but training feeds
+every difference back through the gradients; measured worst cases over this matrix: reference
+5.3e-7, numba 6.5e-7, triton (interpreter) 8.9e-7, so 1e-5 leaves a 10x margin.
 """
 
 import math
@@ -20,7 +20,7 @@ from cases import backend_cases, batches, make_model, max_rel_diff, split_groups
 from fused_lr import FusedSGD, schedules
 
 STEPS = 200
-TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 CASES = {
     "plain": dict(),
