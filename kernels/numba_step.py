@@ -4,8 +4,9 @@ One call computes the global squared gradient norm, one call applies the whole u
 0-7 of SPEC.md) and advances the step counts. Both run ``prange`` over a flat work list of
 fixed-size chunks cut from all tensors, so a model's hundreds of small tensors cost one launch,
 not one each. The kernels reach the tensors through a table of raw addresses (no copy into an
-arena): nothing is ever stale because the table is rebuilt whenever any address, size or
-layout it was built from changes, and the key it is cached under is those addresses.
+arena): nothing is ever stale because the table is rebuilt whenever a parameter, buffer or
+step-count address, or any size or layout it was built from changes, and the gradient addresses,
+which a training loop reallocates every step, are rewritten into it before every pass.
 
 float32 and float64 tensors run here (a mixed model runs one table per dtype); anything else
 (bf16, fp16, layouts whose gradient does not line up with the parameter in memory) falls back
@@ -242,6 +243,11 @@ class _Table:
         self.everything = bool(np.array_equal(self.index, np.arange(len(index))))
         self.grads = np.ascontiguousarray(self.addr[:, 1])
 
+    def set_grads(self, addresses: np.ndarray) -> None:
+        """This step's gradient addresses (they move whenever a backward allocates new ones)."""
+        self.addr[:, 1] = addresses
+        self.grads[:] = addresses
+
 
 def _layout(t: torch.Tensor) -> tuple | None:
     """The strides that matter (dims of size > 1), or None when ``t`` is not dense in memory."""
@@ -296,11 +302,12 @@ class NumbaBackend:
     # ------------------------------------------------------------ the cached tables
     @staticmethod
     def _grads_key(plan: StepPlan) -> tuple:
-        # Every gradient address the norm pass dereferences, with the size, dtype and layout it
-        # reads there: a new backward after set_to_none, a replaced .grad or model.to(...) misses.
+        # The size, dtype and layout of every gradient, but not its address: a backward after
+        # zero_grad(set_to_none=True) allocates new gradients every step, and rebuilding the
+        # tables for that would cost more than the step. Addresses are refreshed per step instead.
         key = []
         for g in plan.groups:
-            key += (_pointers(g.grads), tuple(map(torch.Tensor.numel, g.params)), tuple(map(_DTYPE_OF, g.grads)),
+            key += (tuple(map(torch.Tensor.numel, g.params)), tuple(map(_DTYPE_OF, g.grads)),
                     tuple(map(torch.Tensor.stride, g.grads)))
         return tuple(key)
 
@@ -353,6 +360,9 @@ class NumbaBackend:
                 warnings.warn(f"fused_lr numba backend: falling back to the reference implementation for "
                               f"{cache.reason}", RuntimeWarning, stacklevel=4)
             return None
+        grads = np.array([p for g in plan.groups for p in _pointers(g.grads)], dtype=np.int64)
+        for t in cache.tables:
+            t.set_grads(grads[t.index])
         return cache.tables
 
     def _schedule_table(self, schedule) -> np.ndarray:

@@ -210,3 +210,22 @@ def test_load_state_dict_rebinds_buffers_and_steps():
             o.step()
     assert_close(got, expected, torch.float64)
     assert {float(opt.state[p]["step"]) for p in got} == {4.0}
+
+
+def test_new_gradients_each_step_reuse_the_tables(monkeypatch):
+    """zero_grad(set_to_none=True) gives every backward new gradient tensors: the tables must not
+    be rebuilt for that (it cost more than the step), yet every step must read the new ones."""
+    builds = []
+    build = numba_step.NumbaBackend._build
+    monkeypatch.setattr(numba_step.NumbaBackend, "_build", staticmethod(lambda *a: builds.append(1) or build(*a)))
+    params = odd_params(torch.float32)
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    fused, ref = FusedSGD(params, backend="numba", **KW), FusedSGD(twins, backend="reference", **KW)
+    for step in range(6):
+        for ps, opt in ((params, fused), (twins, ref)):
+            opt.zero_grad(set_to_none=True)
+            set_grads(ps, seed=step)
+            opt.step()
+    assert len(builds) == 2  # one norm table and one update table, built at the first step
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=TOL[torch.float32], atol=TOL[torch.float32])
