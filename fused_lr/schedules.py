@@ -506,15 +506,17 @@ class ReduceOnPlateau(Schedule):
         return self.inner.segments()
 
 
-# The table evaluator. Kernels mirror this function; keep it branch-for-branch simple.
+# The table evaluator. The Numba backend compiles this very function (so it stays within what
+# numba's nopython mode accepts: array indexing, math, no helper calls); Triton and CUDA mirror it
+# branch for branch.
 def eval_table(table, k: float) -> float:
-    """Evaluate a schedule table at step ``k`` (without any host_scale)."""
+    """Evaluate a schedule table (a (MAX_SEGMENTS, ROW) array) at step ``k``, without host_scale."""
     row = 0
     for i in range(MAX_SEGMENTS):
-        if table[i][0] <= k:
+        if table[i, 0] <= k:
             row = i
-    start, kind = table[row][0], int(table[row][1])
-    p = table[row][2:]
+    start, kind = table[row, 0], int(table[row, 1])
+    p = table[row, 2:]
     t = k - start
     if kind == CONST:
         return p[0]
@@ -526,17 +528,18 @@ def eval_table(table, k: float) -> float:
         return p[0] + (p[1] - p[0]) * min(t, p[2]) / p[2]
     if kind == POLY:
         return p[2] + (1.0 - p[2]) * (1.0 - min(t, p[0]) / p[0]) ** p[1]
-    if kind == COSINE:
-        return _cosine(p[1], min(t, p[0]), p[0])
-    if kind == COSINE_RESTARTS:
-        length = p[0]
-        if p[1] == 1.0:
-            t = math.fmod(t, length)
+    if kind in (COSINE, COSINE_RESTARTS):
+        if kind == COSINE:
+            m, length, t = p[1], p[0], min(t, p[0])
         else:
-            while t >= length:
-                t -= length
-                length *= p[1]
-        return _cosine(p[2], t, length)
+            m, length = p[2], p[0]
+            if p[1] == 1.0:
+                t = np.fmod(t, length)  # C fmod; numba has no math.fmod
+            else:
+                while t >= length:
+                    t -= length
+                    length *= p[1]
+        return m + (1.0 - m) * (1.0 + math.cos(math.pi * t / length)) / 2.0
     if kind == CYCLIC:
         size = p[1] + p[2]
         ratio = p[1] / size
@@ -563,7 +566,7 @@ def eval_table(table, k: float) -> float:
         return t / p[0] if t < p[0] else math.sqrt(p[0] / t)
     if kind == POWERLAW:
         return p[0] ** ((min(t, p[2]) / p[2]) ** p[1])
-    raise ValueError(f"unknown schedule segment kind {kind}")
+    raise ValueError("unknown schedule segment kind")
 
 
 __all__ = [

@@ -24,23 +24,9 @@ import torch
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
+from fused_lr import schedules
 from fused_lr.plan import NORM_EPS, StepPlan
 from fused_lr.reference import ReferenceBackend
-from fused_lr.schedules import (
-    CONST,
-    COSINE,
-    COSINE_RESTARTS,
-    CYCLIC,
-    EXP,
-    INVSQRT,
-    INVTIME,
-    LINEAR,
-    MAX_SEGMENTS,
-    ONECYCLE,
-    POLY,
-    POWERLAW,
-    STEP,
-)
 
 # Elements per work item: large enough that the per-chunk overhead vanishes, small enough that
 # ResNet-sized models give each core dozens of chunks to balance.
@@ -69,69 +55,8 @@ def _pointer(typingctx, address, like):
     return ptr_type(address, like), codegen
 
 
-@njit(cache=True)
-def _cosine(m, t, period):
-    return m + (1.0 - m) * (1.0 + math.cos(math.pi * t / period)) / 2.0
-
-
-@njit(cache=True)
-def eval_table(table, k):
-    """fused_lr.schedules.eval_table, branch for branch."""
-    row = 0
-    for i in range(MAX_SEGMENTS):
-        if table[i, 0] <= k:
-            row = i
-    start, kind = table[row, 0], int(table[row, 1])
-    p = table[row, 2:]
-    t = k - start
-    if kind == CONST:
-        return p[0]
-    if kind == STEP:
-        return p[1] ** math.floor(t / p[0])
-    if kind == EXP:
-        return p[0] ** t
-    if kind == LINEAR:
-        return p[0] + (p[1] - p[0]) * min(t, p[2]) / p[2]
-    if kind == POLY:
-        return p[2] + (1.0 - p[2]) * (1.0 - min(t, p[0]) / p[0]) ** p[1]
-    if kind == COSINE:
-        return _cosine(p[1], min(t, p[0]), p[0])
-    if kind == COSINE_RESTARTS:
-        length = p[0]
-        if p[1] == 1.0:
-            t = np.fmod(t, length)  # C fmod, as math.fmod (which numba lacks)
-        else:
-            while t >= length:
-                t -= length
-                length *= p[1]
-        return _cosine(p[2], t, length)
-    if kind == CYCLIC:
-        size = p[1] + p[2]
-        ratio = p[1] / size
-        cycle = math.floor(1.0 + t / size)
-        x = 1.0 + t / size - cycle
-        scale = x / ratio if x <= ratio else (x - 1.0) / (ratio - 1.0)
-        mode = int(p[3])
-        amp = 1.0 if mode == 0 else (0.5 ** (cycle - 1.0) if mode == 1 else p[4] ** t)
-        return 1.0 + (p[0] - 1.0) * scale * amp
-    if kind == ONECYCLE:
-        t = min(t, p[0] - 1.0)
-        up_end = p[1] * p[0] - 1.0
-        low, final = 1.0 / p[2], 1.0 / (p[2] * p[3])
-        if t <= up_end:
-            pct, a, b = t / up_end, low, 1.0
-        else:
-            pct, a, b = (t - up_end) / (p[0] - 1.0 - up_end), 1.0, final
-        if p[4] == 0.0:
-            return b + (a - b) / 2.0 * (math.cos(math.pi * pct) + 1.0)
-        return (b - a) * pct + a
-    if kind == INVTIME:
-        return (1.0 + p[0] * t / p[1]) ** (-p[2])
-    if kind == INVSQRT:
-        return t / p[0] if t < p[0] else math.sqrt(p[0] / t)
-    if kind == POWERLAW:
-        return p[0] ** ((min(t, p[2]) / p[2]) ** p[1])
-    raise ValueError("unknown schedule segment kind")
+# the Python evaluator itself, compiled: one definition of the schedule maths for host and CPU kernel
+eval_table = njit(cache=True)(schedules.eval_table)
 
 
 # reassoc lets LLVM vectorise the float64 accumulation; the chunking is fixed, so the result
