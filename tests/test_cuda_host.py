@@ -41,18 +41,23 @@ def _compiler():
     return None
 
 
+def _compile(source: str, out, *flags: str) -> None:
+    """Build one of csrc/tests/ with the host C++ compiler, or skip when there is none."""
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip(f"no C++ compiler (g++, c++, clang++ or $CXX) to build {source}")
+    subprocess.run([cxx, "-std=c++17", "-O2", *flags, "-Wall", "-Wextra", "-o", str(out),
+                    str(CSRC / "tests" / source)], check=True)
+
+
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     """Run the host program on a list of command lines; returns one list of floats per line."""
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler (g++, c++, clang++ or $CXX) to build the host math test")
     exe = tmp_path_factory.mktemp("host_math") / "host_math"
     # -ffp-contract=off: the host must round every operation as the Python oracle does, so a
     # one-ulp difference means a formula differs (the device build fuses a*b+c; its ulps are
     # the parity tests' business).
-    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wextra",
-                    "-o", str(exe), str(CSRC / "tests" / "host_math.cpp")], check=True)
+    _compile("host_math.cpp", exe, "-ffp-contract=off")
 
     def run(lines):
         out = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True)
@@ -330,12 +335,8 @@ class _HostTwin:
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory):
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler (g++, c++, clang++ or $CXX) to build the host twin")
     lib = tmp_path_factory.mktemp("host_launch") / "host_launch.so"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-o", str(lib),
-                    str(CSRC / "tests" / "host_launch.cpp")], check=True)
+    _compile("host_launch.cpp", lib, "-shared", "-fPIC")
     return _HostTwin(ctypes.CDLL(str(lib)))
 
 
