@@ -1,11 +1,11 @@
-"""Packaging: the pure-Python package, kernels/ as fused_lr.kernels, and the CUDA extension.
+"""Packaging: the pure-Python package and the CUDA extension.
 
 The extension fused_lr._cuda (csrc/) is built through CMake when nvcc is found on PATH or in
 CUDA_HOME. FUSED_LR_CUDA=0 skips it, FUSED_LR_CUDA=1 makes a missing nvcc an error; without
 nvcc the install goes on as pure Python. Once nvcc is found, a failing build fails the install.
 FUSED_LR_CUDA_ARCHS overrides the CUDA architectures (CMake syntax, default "80-real;90").
 When the extension is skipped, the reason is left in fused_lr/_cuda_unbuilt.txt for
-fused_lr.cuda_backend.load() to report.
+fused_lr.backends.cuda.load() to report.
 """
 
 import os
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -116,8 +116,7 @@ class BuildExt(build_ext):
 
 
 setup(
-    packages=["fused_lr", "fused_lr.kernels"],
-    package_dir={"fused_lr": "fused_lr", "fused_lr.kernels": "kernels"},
+    packages=find_packages(include=["fused_lr", "fused_lr.*"]),
     ext_modules=[CMakeExtension("fused_lr._cuda")],
     cmdclass={"build_ext": BuildExt},
 )

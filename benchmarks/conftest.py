@@ -1,8 +1,8 @@
-"""Fixtures for the step benchmarks: the contenders come from fused_lr.bench, built once per model."""
+"""Fixtures for the step benchmarks: the contenders come from fused_lr.tools.bench, built once per model."""
 
 import pytest
 
-from fused_lr import bench
+from fused_lr.tools import bench
 
 MODELS = ("resnet18", "resnet50")
 

@@ -12,8 +12,8 @@ import torch
 
 from fused_lr import available_backends
 from fused_lr.backends import NAMES
-from fused_lr.cli import _cpu_threads, main
-from fused_lr.demo import COMPARED, CONTROL, Config, load_data, train
+from fused_lr.tools.cli import _cpu_threads, main
+from fused_lr.tools.demo import COMPARED, CONTROL, Config, load_data, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -159,8 +159,8 @@ def test_bench_passes_its_arguments_through(monkeypatch, capsys):
     assert main(["--help"]) == 0
     assert "bench" in capsys.readouterr().out
     seen = []
-    fake = types.ModuleType("fused_lr.bench")
+    fake = types.ModuleType("fused_lr.tools.bench")
     fake.main = lambda argv=None: seen.append(argv) or 7
-    monkeypatch.setitem(sys.modules, "fused_lr.bench", fake)
+    monkeypatch.setitem(sys.modules, "fused_lr.tools.bench", fake)
     assert main(["bench", "--help", "--steps", "5", "resnet18"]) == 7
     assert seen == [["--help", "--steps", "5", "resnet18"]]

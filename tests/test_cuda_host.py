@@ -25,11 +25,11 @@ import pytest
 import torch
 
 from fused_lr import FusedSGD
-from fused_lr import cuda_backend as cb
 from fused_lr import schedules as S
-from fused_lr.cuda_backend import chunk_layout, group_row
-from fused_lr.plan import GroupPlan, StepPlan
-from fused_lr.reference import ReferenceBackend
+from fused_lr.backends import cuda as cb
+from fused_lr.backends.cuda import chunk_layout, group_row
+from fused_lr.backends.reference import ReferenceBackend
+from fused_lr.core.plan import GroupPlan, StepPlan
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 

@@ -14,10 +14,10 @@ import warnings
 
 import pytest
 import torch
-from fused_lr.kernels import numba_step
 from torch import nn
 
 from fused_lr import FusedSGD, available_backends, schedules
+from fused_lr.backends import numba as numba_step
 
 pytestmark = pytest.mark.skipif(available_backends()["numba"] is not True, reason="numba backend unavailable")
 

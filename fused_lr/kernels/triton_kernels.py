@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from fused_lr import schedules as S
-from fused_lr.plan import NORM_EPS
+from fused_lr.core.plan import NORM_EPS
 
 # tensor table columns
 COL_PARAM, COL_GRAD, COL_BUF, COL_STEP, COL_NUMEL, COL_GROUP, COL_FRESH = range(7)

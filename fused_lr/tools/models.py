@@ -91,10 +91,3 @@ def resnet50(classes: int = 1000) -> ResNet:
 def digits_resnet(classes: int = 10) -> ResNet:
     """A small ResNet for 1x8x8 images: 3x3 stem, two stages of two basic blocks."""
     return ResNet(BasicBlock, [2, 2], widths=(16, 32), in_channels=1, classes=classes, imagenet_stem=False)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """The ResNet recipe: weight decay on conv and linear weights, none on BN and biases."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from . import __version__, backends
+from fused_lr import __version__, backends
 
 DEMO_EPOCHS = 20
 COMPARE_EPOCHS = 8  # per run: ten runs must fit in about the time of one demo
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="train a small ResNet on scikit-learn's digits with FusedSGD",
-        description="Train fused_lr.models.digits_resnet on scikit-learn's 8x8 handwritten digits (fixed 75/25 "
+        description="Train fused_lr.tools.models.digits_resnet on scikit-learn's 8x8 handwritten digits (fixed 75/25 "
                     "split) with FusedSGD: linear warm-up then --schedule, global-norm clipping, no weight decay "
                     "on BN/bias. Prints the held-out accuracy and writes demo.png (loss, accuracy, lr, gradient "
                     "norm per step) and demo.json to --out. With --compare: one run per seed strategy plus "
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
 
-    # bench parses its own arguments (fused_lr.bench.main); main() hands it everything after "bench"
+    # bench parses its own arguments (fused_lr.tools.bench.main); main() hands it everything after "bench"
     sub.add_parser("bench", add_help=False, help="optimizer-step benchmarks (fused-lr bench --help for options)")
     info = sub.add_parser("info", help="versions, device and which backends are usable here")
     info.set_defaults(func=_info)
@@ -203,9 +203,9 @@ def _bench(argv: list[str]) -> int:
     try:
         from .bench import main as bench_main
     except ModuleNotFoundError as e:
-        if e.name != "fused_lr.bench":
+        if e.name != "fused_lr.tools.bench":
             raise
-        raise UsageError("this installation has no fused_lr.bench") from None
+        raise UsageError("this installation has no fused_lr.tools.bench") from None
     try:
         return bench_main(argv)
     except SystemExit as e:  # its own argparse: --help, or a bad argument it has reported

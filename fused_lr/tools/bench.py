@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from . import backends, models
-from .optimizer import FusedSGD
-from .schedules import Cosine
+from fused_lr import FusedSGD, backends, param_groups
+from fused_lr.schedules import Cosine
+from fused_lr.tools import models
 
 MODELS = {"resnet18": models.resnet18, "resnet50": models.resnet50}
 LR, MOMENTUM, WEIGHT_DECAY, MAX_GRAD_NORM = 0.1, 0.9, 5e-4, 1.0
@@ -44,7 +44,7 @@ def parameter_groups(model: str, seed: int = 0) -> list[dict]:
     net = MODELS[model]()
     for p in net.parameters():
         p.grad = torch.randn_like(p)
-    return models.param_groups(net, WEIGHT_DECAY)
+    return param_groups(net, WEIGHT_DECAY)
 
 
 def torch_step(groups: list[dict], impl: str) -> Callable[[], None]:

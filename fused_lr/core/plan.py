@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .schedules import Schedule
+from fused_lr.schedules import Schedule
 
 # clip coefficient c = min(1, C / (N + NORM_EPS)), as torch.nn.utils.clip_grad_norm_.
 NORM_EPS = 1e-6

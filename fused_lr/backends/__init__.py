@@ -8,7 +8,7 @@ from functools import cache
 
 import torch
 
-from .plan import Backend
+from fused_lr.core.plan import Backend
 
 
 class BackendUnavailable(RuntimeError):
@@ -17,10 +17,10 @@ class BackendUnavailable(RuntimeError):
 
 # name -> module defining load(); order within each device's preference list below.
 _MODULES = {
-    "reference": "fused_lr.reference",
-    "numba": "fused_lr.kernels.numba_step",
-    "triton": "fused_lr.kernels.triton_step",
-    "cuda": "fused_lr.cuda_backend",
+    "reference": "fused_lr.backends.reference",
+    "numba": "fused_lr.backends.numba",
+    "triton": "fused_lr.backends.triton",
+    "cuda": "fused_lr.backends.cuda",
 }
 NAMES = tuple(_MODULES)
 # what backend="auto" picks, best first, by the parameters' device type

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fused_lr.backends import BackendUnavailable
-from fused_lr.plan import StepPlan
+from fused_lr.core.plan import StepPlan
 
 # Compiled: 1024 elements per block (8 per thread at 4 warps), 4 blocks per program, so a
 # ResNet-50 step runs thousands of programs. Interpreted: one block per program, of up to
@@ -123,7 +123,7 @@ class TritonBackend:
     devices: frozenset[str] = frozenset()  # set by load()
 
     def __init__(self):
-        from . import triton_kernels
+        from fused_lr.kernels import triton_kernels
 
         self._k = triton_kernels
         self._interpreted = _is_interpreted(triton_kernels)
@@ -277,7 +277,7 @@ def load():
     if not interpret and not torch.cuda.is_available():
         raise BackendUnavailable("no CUDA device, and TRITON_INTERPRET=1 is not set (with it, the Triton kernels "
                                  "run in Triton's interpreter on CPU tensors)")
-    from . import triton_kernels
+    from fused_lr.kernels import triton_kernels
 
     if _is_interpreted(triton_kernels) != interpret:
         raise BackendUnavailable("TRITON_INTERPRET changed after the Triton kernels were imported; set it before "

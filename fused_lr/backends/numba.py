@@ -25,8 +25,8 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 from fused_lr import schedules
-from fused_lr.plan import NORM_EPS, StepPlan
-from fused_lr.reference import ReferenceBackend
+from fused_lr.backends.reference import ReferenceBackend
+from fused_lr.core.plan import NORM_EPS, StepPlan
 
 # Elements per work item: large enough that the per-chunk overhead vanishes, small enough that
 # ResNet-sized models give each core dozens of chunks to balance.

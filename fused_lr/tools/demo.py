@@ -24,9 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from . import schedules
-from .models import digits_resnet, param_groups
-from .optimizer import FusedSGD
+from fused_lr import FusedSGD, param_groups, schedules
+from fused_lr.tools.models import digits_resnet
 
 
 class Strategy(NamedTuple):

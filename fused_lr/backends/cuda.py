@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends import BackendUnavailable
-from .plan import GroupPlan, StepPlan
+from fused_lr.backends import BackendUnavailable
+from fused_lr.core.plan import GroupPlan, StepPlan
 
 # Elements per thread block. 64 Ki elements of 512 threads: ResNet-50's 25.6 M parameters
 # make ~500 blocks, about one resident wave on an A100/H100.
@@ -29,7 +29,7 @@ KERNEL_LR, MOMENTUM, DAMPENING, WEIGHT_DECAY, FLAGS = range(5)
 NESTEROV, DECOUPLED, MAXIMIZE = 1, 2, 4
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
-_UNBUILT = Path(__file__).with_name("_cuda_unbuilt.txt")
+_UNBUILT = Path(__file__).parent.parent / "_cuda_unbuilt.txt"
 _ext = None  # fused_lr._cuda once load() succeeded
 
 
@@ -240,7 +240,7 @@ class CudaBackend:
 def load():
     global _ext
     try:
-        from . import _cuda
+        from fused_lr import _cuda
     except ImportError as e:
         if _UNBUILT.is_file():
             raise BackendUnavailable(_UNBUILT.read_text().strip()) from None

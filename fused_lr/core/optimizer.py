@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from . import backends
-from .plan import GroupPlan, StepPlan
-from .schedules import Constant, Schedule
+from fused_lr import backends
+from fused_lr.core.plan import GroupPlan, StepPlan
+from fused_lr.schedules import Constant, Schedule
 
 _CONSTANT = Constant()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .plan import NORM_EPS, GroupPlan, StepPlan
+from fused_lr.core.plan import NORM_EPS, GroupPlan, StepPlan
 
 
 def processed_grad(g: torch.Tensor, plan: StepPlan, group: GroupPlan) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""The optimizer core every fused optimizer shares: validation, state, the step plan."""

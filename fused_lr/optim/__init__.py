@@ -1,0 +1,1 @@
+"""The fused optimizers, each a declaration on the shared core (fused_lr.core)."""

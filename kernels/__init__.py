@@ -1,1 +1,0 @@
-"""Compiled kernels, installed as ``fused_lr.kernels``: Triton (GPU) and Numba (CPU)."""
