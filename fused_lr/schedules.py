@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MAX_SEGMENTS = 16
-ROW = 8
-N_PARAMS = ROW - 2
+from fused_lr.core import layout
 
-# Segment kinds; the integer codes are shared with kernels/ and csrc/.
+MAX_SEGMENTS, ROW = layout.MAX_SEGMENTS, layout.SEGMENT_COLS
+# Segment kinds: the codes the kernels share, named as in fused_lr/core/layout.py.
 CONST, STEP, EXP, LINEAR, POLY, COSINE, COSINE_RESTARTS, CYCLIC, ONECYCLE, INVTIME, INVSQRT, POWERLAW = (
-    range(12)
-)
+    layout.SCHEDULE_KINDS[name] for name in ("CONST", "STEP", "EXP", "LINEAR", "POLY", "COSINE", "COSINE_RESTARTS",
+                                             "CYCLIC", "ONECYCLE", "INVTIME", "INVSQRT", "POWERLAW"))
+N_PARAMS = ROW - 2
 CYCLIC_MODES = {"triangular": 0, "triangular2": 1, "exp_range": 2}
 ONECYCLE_ANNEAL = {"cos": 0, "linear": 1}
 

@@ -1,91 +1,139 @@
-"""FusedSGD: clipping, weight decay, momentum and a scheduled lr in one pass over all params."""
+"""FusedOptimizer: what every fused optimizer shares (docs/step.md).
+
+A subclass is a declaration: its hyper-parameters with their checks (:class:`~fused_lr.core.hyper.Hyper`),
+its state names, its rule code and kernel row, and its per-tensor rule in torch for the reference.
+This class owns the rest: parameter and hyper-parameter validation, state creation, the step plan
+and its cache, AMP (``grad_scale``/``found_inf``), global-norm and value clipping, ``process_group``,
+the schedules and their per-group clocks, ``current_lr()``, checkpoints, copies and pickling.
+
+The step is planned once (fused_lr/core/plan.py): per step the host checks, with C-level
+``map``s over the parameters, that nothing structural moved, refreshes the gradient addresses
+and the hyper-parameter rows that changed, and launches the backend.
+"""
 
 from __future__ import annotations
 
-import math
+import operator
+import os
+import sys
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
 from fused_lr import backends
-from fused_lr.core.plan import GroupPlan, StepPlan
+from fused_lr.core import layout as L
+from fused_lr.core.hyper import Hyper, clip_problem, flag, lr_problem, real
+from fused_lr.core.plan import Plan, Settings, StepScalars, addressable_problem
 from fused_lr.schedules import Constant, Schedule
 
 _CONSTANT = Constant()
+_GRAD = operator.attrgetter("grad")
+_DATA_PTR = torch.Tensor.data_ptr
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+# declared by every optimizer (docs/step.md steps 1, 4, 5)
+COMMON = (
+    Hyper("weight_decay", 0.0, real(0.0)),
+    Hyper("decoupled_weight_decay", False, flag()),
+    Hyper("maximize", False, flag()),
+)
 
 
-def _finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _same(a: tuple, b: tuple | None) -> bool:
+    """Tuple equality that compares tensors by identity (== on a CUDA tensor would sync)."""
+    return b is not None and len(a) == len(b) and all(
+        x is y or (type(x) is not torch.Tensor and type(y) is not torch.Tensor and x == y) for x, y in zip(a, b))
 
 
-def _check_hyper(group: dict[str, Any], where: str) -> None:
-    """Raise a ValueError naming the first bad hyper-parameter of a param group."""
-    lr, mom, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
-    if not _finite_number(lr) or lr < 0:
-        raise ValueError(f"{where}: lr must be a finite number >= 0, got {lr!r}")
-    if not _finite_number(mom) or not 0 <= mom < 1:
-        raise ValueError(f"{where}: momentum must be in [0, 1), got {mom!r}")
-    if not _finite_number(damp) or not 0 <= damp <= 1:
-        raise ValueError(f"{where}: dampening must be in [0, 1], got {damp!r}")
-    if not _finite_number(wd) or wd < 0:
-        raise ValueError(f"{where}: weight_decay must be a finite number >= 0, got {wd!r}")
-    if group["nesterov"] and (mom <= 0 or damp != 0):
-        raise ValueError(f"{where}: nesterov momentum requires momentum > 0 and zero dampening "
-                         f"(got momentum={mom}, dampening={damp})")
-    sched = group["schedule"]
-    if sched is not None and not isinstance(sched, Schedule):
-        raise TypeError(f"{where}: schedule must be a fused_lr.schedules schedule or None, "
-                        f"got {type(sched).__name__}")
-    if sched is not None:
-        sched.table()  # raises if the schedule does not fit a kernel table
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside fused_lr and torch, so a warning names the
+    user's line that called ``step()``."""
+    skip = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
-class FusedSGD(Optimizer):
-    """SGD with gradient clipping, weight decay, momentum and an lr schedule, fused.
+class FusedOptimizer(Optimizer):
+    """The shared core. Subclasses set the class attributes below and implement the four hooks."""
 
-    Replaces ``clip_grad_value_`` + ``clip_grad_norm_`` + ``torch.optim.SGD`` + an lr scheduler
-    with one optimizer step; the semantics are SPEC.md's and equal torch's. Positional
-    arguments follow ``torch.optim.SGD``; everything after ``nesterov`` is keyword-only.
+    rule: ClassVar[int]  # fused_lr.core.layout RULES code
+    hypers: ClassVar[tuple[Hyper, ...]]  # the rule's own hyper-parameters (lr and COMMON come from here)
 
-    ``process_group``: when each rank holds only a shard of the parameters (ZeRO/FSDP style),
-    the ranks of this group all-reduce the squared gradient norm, so clipping (and
-    ``error_if_nonfinite``) sees the norm of the whole model. Every rank must then call
-    ``step()`` together. Leave it None under DDP, where every rank holds every parameter.
-    """
+    def check_group(self, group: dict) -> str | None:
+        """Cross-checks between a group's hyper-parameters (each passed its own check)."""
+        return None
+
+    def state_names(self, group: dict) -> tuple[str, ...]:
+        """The per-parameter state tensors the rule keeps for this group (at most MAX_STATES)."""
+        raise NotImplementedError
+
+    def init_state(self, name: str, param: torch.Tensor, group: dict) -> torch.Tensor:
+        """A new state tensor (zeros laid out like the parameter unless the rule says otherwise)."""
+        return torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def rule_row(self, group: dict) -> tuple[int, tuple[float, ...]]:
+        """The rule's flag bits and its RULE_COLS hyper columns for the kernels."""
+        raise NotImplementedError
+
+    @staticmethod
+    def reference_rule(p: torch.Tensor, g: torch.Tensor, states: dict, step: int, lr: float, group: dict) -> None:
+        """docs/step.md steps 6-7 on one tensor in torch: ``g`` is processed, clipped and (coupled)
+        decayed; ``states`` maps state names to tensors; ``step`` counts earlier updates."""
+        raise NotImplementedError
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *,
-                 decoupled_weight_decay: bool = False, maximize: bool = False,
-                 max_grad_norm: float | None = None, clip_value: float | None = None,
-                 error_if_nonfinite: bool = False, schedule: Schedule | None = None,
-                 backend: str = "auto", process_group=None):
-        if max_grad_norm is not None and (not _finite_number(max_grad_norm) or max_grad_norm <= 0):
-            raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
-        if clip_value is not None and (not _finite_number(clip_value) or clip_value <= 0):
-            raise ValueError(f"clip_value must be a finite number > 0 or None, got {clip_value!r}")
+    def __init__(self, params, defaults: dict[str, Any], *, max_grad_norm: float | None = None,
+                 clip_value: float | None = None, error_if_nonfinite: bool = False, backend: str = "auto",
+                 process_group=None):
+        name = type(self).__name__
+        for problem in (clip_problem("max_grad_norm", max_grad_norm), clip_problem("clip_value", clip_value)):
+            if problem:
+                raise ValueError(f"{name}: {problem}")
+        if not isinstance(error_if_nonfinite, bool):
+            raise TypeError(f"{name}: error_if_nonfinite must be True or False, got {error_if_nonfinite!r}")
         if process_group is not None and not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-            raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, "
+            raise TypeError(f"{name}: process_group must be a torch.distributed ProcessGroup or None, "
                             f"got {type(process_group).__name__}")
         backends.check_name(backend)
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay,
-                        maximize=maximize, schedule=schedule)
-        _check_hyper(defaults, "FusedSGD")
+        self._check_group(defaults, name)
         self.max_grad_norm = max_grad_norm
         self.clip_value = clip_value
         self.error_if_nonfinite = error_if_nonfinite
         self.backend_name = backend
         self.process_group = process_group
         self.last_grad_norm: torch.Tensor | None = None
-        self._backend = None
+        self._clocks: torch.Tensor | None = None
+        self._reset_caches()
         super().__init__(params, defaults)
 
-    # ---------------------------------------------------------------- param groups
+    # ---------------------------------------------------------------- declarations, validated
+    @property
+    def _hyper_names(self) -> tuple[str, ...]:
+        return ("lr", "schedule", *(h.name for h in COMMON), *(h.name for h in self.hypers))
+
+    def _check_group(self, group: dict, where: str) -> None:
+        """Raise naming the first bad hyper-parameter of a param group."""
+        if problem := lr_problem(group["lr"]):
+            raise ValueError(f"{where}: {problem}")
+        for h in (*COMMON, *self.hypers):
+            if problem := h.problem(group[h.name]):
+                raise ValueError(f"{where}: {problem}")
+        sched = group["schedule"]
+        if sched is not None and not isinstance(sched, Schedule):
+            raise TypeError(f"{where}: schedule must be a fused_lr.schedules schedule or None, got "
+                            f"{type(sched).__name__}")
+        if sched is not None:
+            sched.table()  # raises if the schedule does not fit a kernel table
+        if problem := self.check_group(group):
+            raise ValueError(f"{where}: {problem}")
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -93,119 +141,275 @@ class FusedSGD(Optimizer):
         where = f"param group {len(self.param_groups)}"
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # named_parameters() pairs
+        name = type(self).__name__
         for i, p in enumerate(tensors):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{where}: parameter {i} is a {type(p).__name__}, not a tensor")
             if not p.is_floating_point():
-                raise TypeError(f"{where}: parameter {i} has dtype {p.dtype}; FusedSGD updates floating-point "
+                raise TypeError(f"{where}: parameter {i} has dtype {p.dtype}; {name} updates floating-point "
                                 f"parameters only")
             if id(p) in seen:
-                raise ValueError(f"{where}: parameter {i} (shape {tuple(p.shape)}) is given twice; "
-                                 f"each parameter may appear once across all groups")
+                raise ValueError(f"{where}: parameter {i} (shape {tuple(p.shape)}) is given twice; each parameter "
+                                 f"may appear once across all groups")
             seen.add(id(p))
         devices = {p.device for g in self.param_groups for p in g["params"]} | {p.device for p in tensors}
         if len(devices) > 1:
-            raise ValueError(f"{where}: FusedSGD fuses all parameters into one launch, so they must share "
-                             f"one device; got {sorted(map(str, devices))}")
-        merged = {**self.defaults, **param_group}
-        _check_hyper(merged, where)
+            raise ValueError(f"{where}: {name} fuses all parameters into one launch, so they must share one "
+                             f"device; got {sorted(map(str, devices))}")
+        self._check_group({**self.defaults, **param_group}, where)
         super().add_param_group(param_group)
+        self._reset_caches()
+
+    # ---------------------------------------------------------------- copies, pickling, checkpoints
+    def _reset_caches(self) -> None:
+        self._plans: dict = {}
+        self._signature = None  # (group param lists, parameter addresses) the plans were built for
+        self._settings: Settings | None = None
+        self._group_keys: list = []
+        self._backend = None
+        self._ran: str | None = None
+        self._warned: set[str] = set()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["fused_config"] = dict(max_grad_norm=self.max_grad_norm, clip_value=self.clip_value,
+                                     error_if_nonfinite=self.error_if_nonfinite, backend_name=self.backend_name,
+                                     process_group=self.process_group, clocks=self._clocks)
+        return state
 
     def __setstate__(self, state):
+        config = state.pop("fused_config", None)
         super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+        if config is not None:  # a copy or an unpickled optimizer (load_state_dict passes none)
+            clocks = config.pop("clocks")
+            self.__dict__.update(config)
+            self._clocks = clocks
+            self.last_grad_norm = None
+        self._reset_caches()
 
-    # ---------------------------------------------------------------- checkpoints
     def state_dict(self):
         # Schedules are configuration, like the optimizer class itself: they stay out of the
-        # checkpoint (torch.load(weights_only=True) could not read them). Their position is
-        # the per-parameter "step" count, which is saved.
+        # checkpoint (torch.load(weights_only=True) could not read them). Their position is each
+        # group's clock, saved as "schedule_step".
         sd = super().state_dict()
-        for g in sd["param_groups"]:
+        clocks = None if self._clocks is None else self._clocks.clone()
+        for gi, g in enumerate(sd["param_groups"]):
             g.pop("schedule", None)
-        # A GradScaler-skipped first step leaves a buffer that holds no momentum yet (allocated
-        # before the kernel saw found_inf; step count 0 marks it). torch.optim.SGD would take any
-        # saved buffer for real momentum, so such buffers stay out, as torch's do before a first step.
-        with_buf = [(i, st) for i, st in sd["state"].items() if "momentum_buffer" in st and "step" in st]
-        if with_buf:
-            taken = torch.stack([st["step"] for _, st in with_buf]).tolist()  # one host read
-            for (i, st), k in zip(with_buf, taken, strict=True):
+            if clocks is not None and gi < clocks.numel():
+                g["schedule_step"] = clocks[gi]
+        # A GradScaler-skipped first step leaves state that holds nothing yet (created before the
+        # kernel saw found_inf; step 0 marks it). torch's optimizers would take such buffers for real
+        # ones, so only the step count stays, as torch keeps nothing before a first step.
+        entries = [(i, st) for i, st in sd["state"].items() if isinstance(st, dict) and "step" in st and len(st) > 1]
+        if entries:
+            taken = torch.stack([torch.as_tensor(st["step"]).float().cpu() for _, st in entries]).tolist()
+            for (i, st), k in zip(entries, taken, strict=True):
                 if k == 0:
-                    sd["state"][i] = {key: v for key, v in st.items() if key != "momentum_buffer"}
+                    sd["state"][i] = {"step": st["step"]}
         return sd
 
     def load_state_dict(self, state_dict):
         schedules = [g["schedule"] for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, schedule in zip(self.param_groups, schedules):
+        clocks = []
+        for gi, (group, schedule) in enumerate(zip(self.param_groups, schedules, strict=True)):
             group["schedule"] = schedule
+            saved = group.pop("schedule_step", None)
+            steps = []
             for p in group["params"]:
                 st = self.state.get(p)
                 if not st:
                     continue
+                if "step" not in st and any(isinstance(v, torch.Tensor) and v is not None for v in st.values()):
+                    # a torch optimizer's checkpoint without step counts (torch.optim.SGD): state exists,
+                    # so at least one step was taken
+                    st["step"] = torch.ones(())
                 if "step" in st:
                     st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device).reshape(())
-                elif "momentum_buffer" in st and st["momentum_buffer"] is not None:
-                    # a torch.optim.SGD checkpoint: a buffer exists, so at least one step was
-                    # taken, but the count was not saved
-                    st["step"] = torch.ones((), dtype=torch.float32, device=p.device)
-                    if schedule is not None and not schedule.is_constant:
-                        warnings.warn("FusedSGD.load_state_dict: the checkpoint has no step counts "
-                                      "(a torch.optim.SGD checkpoint?); the schedule resumes at k=1",
-                                      stacklevel=2)
+                    steps.append(st["step"])
+            if saved is not None:
+                clocks.append(float(saved))
+            else:  # an older checkpoint, or torch's: the group's most advanced parameter
+                clocks.append(max((float(s) for s in steps), default=0.0))
+                if steps and schedule is not None and not schedule.is_constant:
+                    warnings.warn(f"{type(self).__name__}.load_state_dict: the checkpoint has no schedule clock "
+                                  f"for param group {gi}; the schedule resumes at k={clocks[-1]:.0f}, the most "
+                                  f"steps any of its parameters took", stacklevel=2)
+        device = self._device()
+        self._clocks = None if device is None else torch.tensor(clocks, dtype=torch.float32, device=device)
+        self._reset_caches()
+
+    def _fill_group_defaults(self) -> None:
+        """Groups of an older pickle or a torch checkpoint get the defaults of the hyper-parameters
+        they lack (and nothing else: torch's own keys such as "differentiable" stay out)."""
+        for group in self.param_groups:
+            for h in self._hyper_names:
+                group.setdefault(h, self.defaults[h])
+
+    # ---------------------------------------------------------------- per-step preparation
+    def _device(self) -> torch.device | None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return None
+
+    def _clock_tensor(self, device: torch.device) -> torch.Tensor:
+        """The groups' clocks (float32, one per group) on the parameters' device."""
+        n = len(self.param_groups)
+        clocks = self._clocks
+        if clocks is None or clocks.numel() != n or clocks.device != device:
+            fresh = torch.zeros(n, dtype=torch.float32, device=device)
+            if clocks is not None:
+                m = min(n, clocks.numel())
+                fresh[:m] = clocks[:m].to(device)
+            self._clocks = clocks = fresh
+        return clocks
+
+    def _refresh_settings(self) -> Settings:
+        """The kernels' hyper rows, refreshing (and validating) only the groups whose values changed."""
+        groups = self.param_groups
+        settings = self._settings
+        if settings is None or len(settings.groups) != len(groups):
+            self._fill_group_defaults()
+            g = len(groups)
+            settings = self._settings = Settings(
+                groups=groups, hyper=np.zeros((g, L.HYPER_COLS)),
+                schedules=np.zeros((g, L.MAX_SEGMENTS, L.SEGMENT_COLS)), lr_tensors={},
+                max_grad_norm=None, clip_value=None, reference_rule=self.reference_rule)
+            self._group_keys = [None] * g
+            self._state_names_of = [()] * g
+        names = self._hyper_names
+        for gi, group in enumerate(groups):
+            sched = group["schedule"]
+            key = (*map(group.__getitem__, names), 1.0 if sched is None else sched.host_scale)
+            if _same(key, self._group_keys[gi]):
+                continue
+            self._check_group(group, f"param group {gi}")
+            self._write_row(settings, gi, group)
+            names = self.state_names(group)
+            if self._group_keys[gi] is not None and names != self._state_names_of[gi]:
+                self._plans.clear()  # the rule keeps other state now (momentum switched on, ...)
+            self._group_keys[gi], self._state_names_of[gi] = key, names
+            settings.version += 1
+        if (self.max_grad_norm, self.clip_value) != (settings.max_grad_norm, settings.clip_value):
+            for problem in (clip_problem("max_grad_norm", self.max_grad_norm),
+                            clip_problem("clip_value", self.clip_value)):
+                if problem:
+                    raise ValueError(f"{type(self).__name__}: {problem}")
+            settings.max_grad_norm, settings.clip_value = self.max_grad_norm, self.clip_value
+            settings.version += 1
+        return settings
+
+    def _write_row(self, settings: Settings, gi: int, group: dict) -> None:
+        sched = group["schedule"] or _CONSTANT
+        lr = group["lr"]
+        row = settings.hyper[gi]
+        flags, rule_cols = self.rule_row(group)
+        flags |= (L.F_MAXIMIZE if group["maximize"] else 0) | (L.F_DECOUPLED if group["decoupled_weight_decay"] else 0)
+        row[:] = 0.0
+        if isinstance(lr, torch.Tensor):
+            settings.lr_tensors[gi] = lr
+            row[L.H_LR] = sched.host_scale  # times the tensor, on the device
+        else:
+            settings.lr_tensors.pop(gi, None)
+            row[L.H_LR] = lr * sched.host_scale
+        row[L.H_WEIGHT_DECAY] = group["weight_decay"]
+        row[L.H_FLAGS] = flags
+        row[L.H_R0:L.H_R0 + len(rule_cols)] = rule_cols
+        settings.schedules[gi] = sched.table()
+
+    def _current_plan(self) -> tuple[Plan | None, list]:
+        """The plan for this step's set of gradients, rebuilt only when the structure changed."""
+        groups = self.param_groups
+        params = self._flat_params(groups)
+        views = params if self._plain else [self._view(p) for p in params]
+        if self._plain:
+            try:
+                addresses = list(map(_DATA_PTR, views))
+            except RuntimeError:
+                addresses = None
+            if addresses != self._signature[1]:
+                self._signature = (self._signature[0], addresses)
+                self._plans.clear()
+        grads = list(map(_GRAD, params))
+        missing = grads.count(None)
+        if missing == len(grads):
+            return None, params
+        mask = None if missing == 0 else tuple(g is not None for g in grads)
+        plan = self._plans.get(mask)
+        if plan is None:
+            plan = self._plans[mask] = self._build_plan(params, views, grads)
+        if plan.positions:
+            pick = operator.itemgetter(*plan.positions)(grads)
+            plan.set_grads([pick] if len(plan.positions) == 1 else list(pick), self._where(plan))
+        return plan, params
+
+    def _flat_params(self, groups) -> list:
+        sig = [(id(g["params"]), len(g["params"])) for g in groups]
+        if self._signature is None or self._signature[0] != sig:
+            self._flat = [p for g in groups for p in g["params"]]
+            self._group_index = [gi for gi, g in enumerate(groups) for _ in g["params"]]
+            self._index_in_group = [i for g in groups for i in range(len(g["params"]))]
+            self._plain = all(type(p) in _PLAIN for p in self._flat)
+            self._signature = (sig, None)
+            self._plans.clear()
+        return self._flat
+
+    @staticmethod
+    def _view(p: torch.Tensor) -> torch.Tensor:
+        return p
+
+    def _name(self, pos: int) -> str:
+        return f"param group {self._group_index[pos]}, parameter {self._index_in_group[pos]}"
+
+    def _where(self, plan: Plan):
+        return lambda row: self._name(plan.positions[row])
+
+    def _build_plan(self, params: list, views: list, grads: list) -> Plan:
+        rows = []
+        for pos, (v, g) in enumerate(zip(views, grads, strict=True)):
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"{self._name(pos)}: {type(self).__name__} does not support sparse gradients")
+            rows.append((pos, self._group_index[pos], v, addressable_problem(v)))
+        devices = {r[2].device for r in rows}
+        if len(devices) > 1:
+            raise RuntimeError(f"{type(self).__name__} fuses all parameters into one launch, so they must share one "
+                               f"device; got {sorted(map(str, devices))}")
+        return Plan.build(devices.pop(), self.rule, rows)
+
+    def _bind(self, plan: Plan, params: list) -> None:
+        """Create missing state (only once every check of the step passed) and lay every state
+        tensor out like its parameter; then hand the addresses to the plan."""
+        states, steps = [], []
+        for row, pos in enumerate(plan.positions):
+            p, view = params[pos], plan.params[row]
+            group = self.param_groups[self._group_index[pos]]
+            st = self.state[p]
+            step = st.get("step")
+            if not isinstance(step, torch.Tensor) or step.dtype != torch.float32 or step.device != view.device \
+                    or step.dim() != 0:
+                st["step"] = step = torch.as_tensor(0.0 if step is None else float(step), dtype=torch.float32).to(
+                    view.device)
+            sts = {}
+            for name in self.state_names(group):
+                t = st.get(name)
+                if t is None:
+                    t = st[name] = self.init_state(name, view, group)
+                    step.zero_()  # the rule's state starts now (an SGD buffer's first use)
+                elif type(t) not in _PLAIN or t.dtype != view.dtype or t.device != view.device \
+                        or t.stride() != view.stride():
+                    # a checkpoint loaded into another dtype or layout: state of the parameter's kind
+                    # (torch.optim.Optimizer.load_state_dict casts it likewise); never a raw read
+                    # through the wrong type
+                    t = st[name] = torch.empty_like(view).copy_(t)
+                sts[name] = t
+            states.append(sts)
+            steps.append(step)
+        plan.bind(states, steps)
 
     # ---------------------------------------------------------------- stepping
-    def _plan(self) -> StepPlan | None:
-        """Validate everything and gather the step; allocates nothing and changes nothing."""
-        groups, devices = [], set()
-        for gi, group in enumerate(self.param_groups):
-            _check_hyper(group, f"param group {gi}")
-            params, grads = [], []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError(f"param group {gi}, parameter {i}: FusedSGD does not support sparse "
-                                       f"gradients")
-                devices.add(p.device)
-                params.append(p)
-                grads.append(g)
-            if not params:
-                continue
-            momentum = group["momentum"]
-            groups.append(GroupPlan(
-                params=params, grads=grads, bufs=[], fresh=[], steps=[], lr=float(group["lr"]),
-                momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
-                maximize=group["maximize"], schedule=group["schedule"] or _CONSTANT,
-            ))
-        if not groups:
-            return None
-        if len(devices) > 1:
-            raise RuntimeError(f"FusedSGD fuses all parameters into one launch, so they must share one device; "
-                               f"got {sorted(map(str, devices))}")
-        return StepPlan(groups=groups, device=devices.pop(), max_grad_norm=self.max_grad_norm,
-                        clip_value=self.clip_value, grad_scale=getattr(self, "grad_scale", None),
-                        found_inf=getattr(self, "found_inf", None))
-
-    def _materialise_state(self, plan: StepPlan) -> None:
-        """Create missing step counts and momentum buffers (only after every check passed)."""
-        for group in plan.groups:
-            for p in group.params:
-                st = self.state[p]
-                if "step" not in st:
-                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                group.steps.append(st["step"])
-                if group.momentum != 0:
-                    fresh = st.get("momentum_buffer") is None
-                    if fresh:
-                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    group.bufs.append(st["momentum_buffer"])
-                    group.fresh.append(fresh)
-
     def _backend_for(self, device: torch.device):
         if self._backend is None or device.type not in self._backend.devices:
             self._backend = backends.create(self.backend_name, device)
@@ -213,8 +417,20 @@ class FusedSGD(Optimizer):
 
     @property
     def backend(self) -> str | None:
-        """The name of the backend the last step ran on (None before the first step)."""
-        return None if self._backend is None else self._backend.name
+        """The backend the last step ran on (None before the first step): the reference when the
+        chosen backend handed it a step it cannot run (it warns once saying why)."""
+        return self._ran
+
+    def _runner(self, plan: Plan):
+        backend = self._backend_for(plan.device)
+        reason = plan.problem or backend.unsupported(plan)
+        if reason is None:
+            return backend
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"fused_lr {backend.name} backend: running this step on the reference implementation "
+                          f"because of {reason}", RuntimeWarning, stacklevel=_caller_stacklevel())
+        return backends.create("reference", plan.device)
 
     # torch.compile: a compiled training step graph-breaks here and runs the step eagerly. The
     # step is a few fused launches planned in Python; tracing it would gain nothing and would
@@ -226,31 +442,46 @@ class FusedSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan = self._plan()
+        settings = self._refresh_settings()
+        plan, params = self._current_plan()
+        scalars = StepScalars(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         needs_norm = self.max_grad_norm is not None or self.error_if_nonfinite
         if plan is None:
-            if needs_norm and self.process_group is not None:
-                # the other ranks block in the all-reduce until this rank adds its (empty) share
-                params = [p for g in self.param_groups for p in g["params"]]
-                dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-                self._global_norm(torch.zeros((), dtype=dtype, device=params[0].device))
+            self._step_without_gradients(params, scalars, needs_norm)
             return loss
-        backend = self._backend_for(plan.device)
+        runner = self._runner(plan)
         norm = None
         if needs_norm:
-            norm = backend.grad_norm(plan)
+            norm = runner.grad_norm(plan, settings, scalars)
             if self.process_group is not None:
                 norm = self._global_norm(norm)
-            if self.error_if_nonfinite and not bool(torch.isfinite(norm)):
-                skipped = plan.found_inf is not None and bool(plan.found_inf)
-                if not skipped:
-                    raise RuntimeError(
-                        f"FusedSGD: the global gradient norm is non-finite ({norm.item()}); nothing was "
-                        f"changed. Pass error_if_nonfinite=False to skip this check.")
-        self._materialise_state(plan)
-        backend.update(plan, norm if self.max_grad_norm is not None else None)
+            skipped = scalars.found_inf is not None and bool(scalars.found_inf)
+            if self.error_if_nonfinite and not bool(torch.isfinite(norm)) and not skipped:
+                raise RuntimeError(
+                    f"{type(self).__name__}: the global gradient norm is non-finite ({norm.item()}); nothing was "
+                    f"changed. Pass error_if_nonfinite=False to skip this check.")
+        if not plan.bound:
+            self._bind(plan, params)
+        clocks = self._clock_tensor(plan.device)
+        runner.update(plan, settings, clocks, scalars, norm if self.max_grad_norm is not None else None)
+        self._ran = runner.name
         self.last_grad_norm = norm
         return loss
+
+    def _step_without_gradients(self, params: list, scalars: StepScalars, needs_norm: bool) -> None:
+        """No parameter has a gradient: the groups' clocks still advance (as torch's schedulers do),
+        and under process_group this rank still joins the norm's all-reduce."""
+        if not params:
+            return
+        device = params[0].device
+        if needs_norm and self.process_group is not None:
+            dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+            self._global_norm(torch.zeros((), dtype=dtype, device=device))
+        clocks = self._clock_tensor(device)
+        if scalars.found_inf is None:
+            clocks.add_(1.0)
+        else:
+            clocks.add_((scalars.found_inf.to(device) == 0).float())
 
     def _global_norm(self, norm: torch.Tensor) -> torch.Tensor:
         """The gradient norm over every rank's shard: sqrt of the all-reduced squared local norms.
@@ -261,10 +492,9 @@ class FusedSGD(Optimizer):
 
     # ---------------------------------------------------------------- introspection
     def current_lr(self) -> list[float]:
-        """Each group's lr for its next step: base lr x schedule(k). Reads k from the device."""
-        out = []
-        for group in self.param_groups:
-            steps = [self.state[p]["step"] for p in group["params"] if "step" in self.state.get(p, {})]
-            k = int(max(s.item() for s in steps)) if steps else 0
-            out.append(group["lr"] * (group["schedule"] or _CONSTANT)(k))
-        return out
+        """Each group's lr for its next step: base lr x schedule(k), k the group's clock (read from
+        the device)."""
+        n = len(self.param_groups)
+        ks = [0.0] * n if self._clocks is None or self._clocks.numel() != n else self._clocks.tolist()
+        return [float(group["lr"]) * (group["schedule"] or _CONSTANT)(int(k))
+                for group, k in zip(self.param_groups, ks, strict=True)]

@@ -1,79 +1,219 @@
-"""The step contract between :class:`FusedSGD` and its backends.
+"""The step plan: what a step touches, built once per structure and refreshed in place.
 
-``FusedSGD`` validates everything, allocates state, and hands a backend one :class:`StepPlan`
-per step. A backend implements two calls (see :class:`Backend`): the global gradient norm and
-the fused update. SPEC.md (shared/) defines what they compute.
+:class:`~fused_lr.core.optimizer.FusedOptimizer` builds a :class:`Plan` when the structure
+changes (which parameters have gradients, the groups, dtypes, layouts, devices, state tensors)
+and reuses it otherwise. Per step it only refreshes what moves: the gradient addresses (a
+backward after ``zero_grad(set_to_none=True)`` allocates new gradients) and the hyper-parameter
+rows that changed. Backends read the plan's numpy tables (layout: fused_lr/core/layout.py) and
+key their own device copies on its version counters, so they too rebuild nothing in between.
+
+A kernel reads raw addresses, so the plan admits only plain strided memory (docs/step.md,
+"Memory safety"): gradients whose layout differs from their parameter's are staged into a copy
+that matches; state tensors are cast and laid out like their parameter when bound; anything else
+(tensor subclasses, meta or non-strided tensors) is recorded in :attr:`Plan.problem`, and the
+kernel backends then leave the step to the reference.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
 
-from fused_lr.schedules import Schedule
+from fused_lr.core import layout as L
 
-# clip coefficient c = min(1, C / (N + NORM_EPS)), as torch.nn.utils.clip_grad_norm_.
-NORM_EPS = 1e-6
+_DATA_PTR = torch.Tensor.data_ptr
+_STRIDE = torch.Tensor.stride
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: element i of the flat walk is at ``data_ptr + i`` in some order of
+    dimensions, so a kernel may treat the tensor as a flat array."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def addressable_problem(t: torch.Tensor) -> str | None:
+    """Why a kernel must not read ``t`` through its address, or None when it may."""
+    if type(t) not in _PLAIN:
+        return f"a {type(t).__name__} (a tensor subclass, not plain memory)"
+    if t.layout != torch.strided:
+        return f"a {t.layout} tensor"
+    if t.device.type == "meta":
+        return "a meta tensor (it has no data)"
+    if not dense(t):
+        return f"a tensor that is not dense in memory (strides {t.stride()} for shape {tuple(t.shape)})"
+    return None
+
+
+class Bucket(NamedTuple):
+    """The tensors of one dtype: rows ``start:stop`` of the tensor table."""
+
+    dtype: torch.dtype
+    start: int
+    stop: int
+
+
+class StepScalars(NamedTuple):
+    """The per-step values that are not part of the plan (from torch.amp.GradScaler)."""
+
+    grad_scale: torch.Tensor | None  # grads are multiplied by 1/grad_scale
+    found_inf: torch.Tensor | None  # non-zero: the step changes nothing
 
 
 @dataclass
-class GroupPlan:
-    params: list[torch.Tensor]
-    grads: list[torch.Tensor]
-    # One buffer per param when momentum != 0 (else empty). A buffer is initialised from the
-    # gradient when its param's step count is 0 or when ``fresh`` says it was just created.
-    bufs: list[torch.Tensor]
-    fresh: list[bool]
-    # 0-dim float32 tensors on the param's device: steps applied to that param so far (= k).
-    steps: list[torch.Tensor]
-    lr: float
-    momentum: float
-    dampening: float
-    nesterov: bool
-    weight_decay: float
-    decoupled_weight_decay: bool
-    maximize: bool
-    schedule: Schedule
+class Plan:
+    """One step's tensors in table order (dtype buckets, plan order within each) and their tables."""
 
-    @property
-    def kernel_lr(self) -> float:
-        """The lr a kernel multiplies with ``eval_table(table, k)``."""
-        return self.lr * self.schedule.host_scale
-
-    @property
-    def table(self) -> np.ndarray:
-        return self.schedule.table()
-
-
-@dataclass
-class StepPlan:
-    groups: list[GroupPlan]
     device: torch.device
-    max_grad_norm: float | None = None
-    clip_value: float | None = None
-    # From torch.amp.GradScaler: grads are multiplied by 1/grad_scale; found_inf != 0 skips.
-    grad_scale: torch.Tensor | None = None
-    found_inf: torch.Tensor | None = None
+    rule: int
+    positions: list[int]  # each row's index in the optimizer's flat parameter list
+    params: list[torch.Tensor]  # what the kernels address (a DTensor's local shard), row order
+    group_of: np.ndarray  # int64 (T,)
+    buckets: list[Bucket]
+    table: np.ndarray  # int64 (T, TENSOR_COLS)
+    problem: str | None  # why the kernels cannot address this plan (then the reference runs it)
+    norm_dtype: torch.dtype  # float64 when any parameter is float64, else float32
+    # filled by bind(): per row, the rule's state tensors and the per-parameter step count
+    states: list[dict[str, torch.Tensor]] | None = None  # the rule's, by name, in declaration order
+    steps: list[torch.Tensor] | None = None
+    grads: list[torch.Tensor] | None = None  # this step's, row order (staged where needed)
+    grad_version: int = 0
+    state_version: int = 0
+    _grad_ptrs: list[int] | None = None
+    _expect: tuple | None = None  # (types, dtypes, devices, strides) a gradient must have to be used as is
+
+    @classmethod
+    def build(cls, device: torch.device, rule: int, rows: list[tuple[int, int, torch.Tensor, str | None]]) -> Plan:
+        """``rows``: (flat position, group index, addressable view, problem) of each parameter with a
+        gradient, in the optimizer's order."""
+        order = sorted(range(len(rows)), key=lambda i: _dtype_rank(rows[i][2].dtype))  # stable
+        rows = [rows[i] for i in order]
+        params = [r[2] for r in rows]
+        problem = next((r[3] for r in rows if r[3] is not None), None)
+        table = np.zeros((len(rows), L.TENSOR_COLS), dtype=np.int64)
+        buckets: list[Bucket] = []
+        for i, p in enumerate(params):
+            if not buckets or buckets[-1].dtype != p.dtype:
+                buckets.append(Bucket(p.dtype, i, i))
+            buckets[-1] = buckets[-1]._replace(stop=i + 1)
+        if problem is None:
+            table[:, L.T_PARAM] = list(map(_DATA_PTR, params))
+        table[:, L.T_NUMEL] = [p.numel() for p in params]
+        table[:, L.T_GROUP] = [r[1] for r in rows]
+        norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        plan = cls(device=device, rule=rule, positions=[r[0] for r in rows], params=params,
+                   group_of=table[:, L.T_GROUP].copy(), buckets=buckets, table=table, problem=problem,
+                   norm_dtype=norm_dtype)
+        plan._expect = (list(map(type, params)) if problem else [torch.Tensor] * len(params),
+                        list(map(_DTYPE, params)), list(map(_DEVICE, params)),
+                        None if problem else list(map(_STRIDE, params)))
+        return plan
+
+    # ------------------------------------------------------------------ per step
+    def set_grads(self, grads: list[torch.Tensor], where) -> None:
+        """This step's gradients (row order). New addresses are written into the table in place;
+        a gradient whose type, dtype, device or layout differs from its parameter's is checked
+        (``where(row)`` names it in errors) and staged into a copy laid out like the parameter."""
+        if self.problem is not None:
+            self.grads = grads
+            return
+        try:
+            ptrs = list(map(_DATA_PTR, grads))
+        except RuntimeError:  # no storage: a sparse or subclass gradient, named below
+            ptrs = None
+        if ptrs is not None and ptrs == self._grad_ptrs:
+            self.grads = grads
+            return
+        types, dtypes, devices, strides = self._expect
+        if ptrs is None or list(map(type, grads)) != types or list(map(_DTYPE, grads)) != dtypes \
+                or list(map(_DEVICE, grads)) != devices or list(map(_STRIDE, grads)) != strides:
+            grads = [self._conforming(i, g, where) for i, g in enumerate(grads)]
+            ptrs = list(map(_DATA_PTR, grads))
+        self.table[:, L.T_GRAD] = ptrs
+        self._grad_ptrs = ptrs
+        self.grads = grads
+        self.grad_version += 1
+
+    def _conforming(self, i: int, g: torch.Tensor, where) -> torch.Tensor:
+        p = self.params[i]
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(f"{where(i)}: its gradient is a {g.layout} tensor; fused optimizers take dense "
+                               f"gradients")
+        if type(g) not in _PLAIN:
+            raise RuntimeError(f"{where(i)}: its gradient is a {type(g).__name__}, not plain memory like the "
+                               f"parameter; fused_lr cannot address it")
+        if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+            raise RuntimeError(f"{where(i)}: its gradient ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match "
+                               f"the parameter ({p.dtype}, {tuple(p.shape)}, {p.device})")
+        if g.stride() == p.stride():
+            return g
+        return torch.empty_like(p).copy_(g)  # the parameter's layout: a correct, slower path
+
+    # ------------------------------------------------------------------ state
+    def bind(self, states: list[dict[str, torch.Tensor]], steps: list[torch.Tensor]) -> None:
+        """The rule's state tensors and step counts of every row (laid out like the parameter by the
+        optimizer); they are held here, so their addresses stay valid while the plan lives."""
+        self.states, self.steps = states, steps
+        if self.problem is None:
+            for i, sts in enumerate(states):
+                self.table[i, L.T_STATE0:L.T_STATE0 + len(sts)] = list(map(_DATA_PTR, sts.values()))
+            self.table[:, L.T_STEP] = list(map(_DATA_PTR, steps))
+            cols = [L.T_PARAM, L.T_GRAD, L.T_STATE0, L.T_STATE1, L.T_STATE2]
+            self.table[:, L.T_ALIGNED] = np.all(self.table[:, cols] % 16 == 0, axis=1)
+        self.state_version += 1
 
     @property
-    def norm_dtype(self) -> torch.dtype:
-        """float64 when any parameter is float64, else float32 (bf16/fp16 included)."""
-        dts = {p.dtype for g in self.groups for p in g.params}
-        return torch.float64 if torch.float64 in dts else torch.float32
+    def bound(self) -> bool:
+        return self.states is not None
+
+    def refresh_alignment(self) -> None:
+        """Per-row 16-byte alignment of every address, after gradients moved."""
+        cols = [L.T_PARAM, L.T_GRAD, L.T_STATE0, L.T_STATE1, L.T_STATE2]
+        self.table[:, L.T_ALIGNED] = np.all(self.table[:, cols] % 16 == 0, axis=1)
+
+
+def _dtype_rank(dtype: torch.dtype) -> int:
+    return (torch.float32, torch.float64, torch.bfloat16, torch.float16).index(dtype) \
+        if dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) else 4
+
+
+@dataclass
+class Settings:
+    """What the step applies beyond the tensors, for every group of the optimizer: hyper rows,
+    schedule tables and the clipping settings, with a version counter that moves whenever any of
+    them changes (a new lr from a scheduler or by hand, a new schedule, ...)."""
+
+    groups: list[dict]  # the optimizer's param groups, as the reference reads them
+    hyper: np.ndarray  # float64 (G, HYPER_COLS)
+    schedules: np.ndarray  # float64 (G, MAX_SEGMENTS, SEGMENT_COLS)
+    lr_tensors: dict[int, torch.Tensor]  # groups whose lr is a tensor: it multiplies their LR column
+    max_grad_norm: float | None
+    clip_value: float | None
+    reference_rule: object  # the optimizer's per-tensor rule in torch (docs/step.md step 6)
+    version: int = 0
 
 
 class Backend(Protocol):
     name: str
     devices: frozenset[str]  # device types the backend runs on ("cpu", "cuda")
 
-    def grad_norm(self, plan: StepPlan) -> torch.Tensor:
-        """‖ all processed gradients ‖₂ (after unscale, maximize and value clipping), a 0-dim
-        tensor of ``plan.norm_dtype`` on ``plan.device``. Changes nothing."""
+    def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars) -> torch.Tensor:
+        """The global norm of the processed gradients (docs/step.md steps 0-2), a 0-dim tensor of
+        ``plan.norm_dtype`` on ``plan.device``. Changes nothing."""
 
-    def update(self, plan: StepPlan, norm: torch.Tensor | None) -> None:
-        """Apply SPEC.md steps 0-7 to every parameter and add 1 to every step count, unless
-        ``plan.found_inf`` is set, in which case nothing changes. ``norm`` is None when
-        global-norm clipping is off."""
+    def update(self, plan: Plan, settings: Settings, clocks: torch.Tensor, scalars: StepScalars,
+               norm: torch.Tensor | None) -> None:
+        """docs/step.md steps 0-7 on every row, then every row's step count and every group's clock
+        advance by one, unless ``scalars.found_inf`` is set: then nothing changes. ``norm`` is None
+        when global-norm clipping is off."""
