@@ -30,6 +30,7 @@ _STRIDE = torch.Tensor.stride
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_ADDRESS_COLS = [L.T_PARAM, L.T_GRAD, L.T_STATE0, L.T_STATE1, L.T_STATE2]
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -141,6 +142,7 @@ class Plan:
             grads = [self._conforming(i, g, where) for i, g in enumerate(grads)]
             ptrs = list(map(_DATA_PTR, grads))
         self.table[:, L.T_GRAD] = ptrs
+        self._refresh_alignment()
         self._grad_ptrs = ptrs
         self.grads = grads
         self.grad_version += 1
@@ -169,18 +171,16 @@ class Plan:
             for i, sts in enumerate(states):
                 self.table[i, L.T_STATE0:L.T_STATE0 + len(sts)] = list(map(_DATA_PTR, sts.values()))
             self.table[:, L.T_STEP] = list(map(_DATA_PTR, steps))
-            cols = [L.T_PARAM, L.T_GRAD, L.T_STATE0, L.T_STATE1, L.T_STATE2]
-            self.table[:, L.T_ALIGNED] = np.all(self.table[:, cols] % 16 == 0, axis=1)
+            self._refresh_alignment()
         self.state_version += 1
 
     @property
     def bound(self) -> bool:
         return self.states is not None
 
-    def refresh_alignment(self) -> None:
-        """Per-row 16-byte alignment of every address, after gradients moved."""
-        cols = [L.T_PARAM, L.T_GRAD, L.T_STATE0, L.T_STATE1, L.T_STATE2]
-        self.table[:, L.T_ALIGNED] = np.all(self.table[:, cols] % 16 == 0, axis=1)
+    def _refresh_alignment(self) -> None:
+        """Whether every address of a row is 16-byte aligned (vector loads), per row."""
+        self.table[:, L.T_ALIGNED] = np.all(self.table[:, _ADDRESS_COLS] % 16 == 0, axis=1)
 
 
 def _dtype_rank(dtype: torch.dtype) -> int:

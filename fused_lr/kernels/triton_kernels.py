@@ -1,21 +1,16 @@
-"""The Triton kernels of one FusedSGD step (imported only once triton is known to be there).
+"""The Triton kernels of a step (docs/step.md; imported only once triton is known to be there).
 
 Every kernel reaches the parameters through device tables of addresses instead of taking them
-as arguments, so one launch covers any number of tensors:
+as arguments, so one launch covers any number of tensors. The tensor table, hyper rows,
+schedule tables, group clocks and coefficient scratch are the plan's (fused_lr/core/layout.py);
+beside them:
 
-* tensor table, int64 ``(T, TENSOR_COLS)``: the addresses of param, grad, momentum buffer and
-  step count, the element count, the group index and the "fresh buffer" flag of each tensor;
 * chunk table, int64 ``(C, 3)``: ``(tensor row, first element, end element)`` of each chunk
   of at most ``CHUNK`` elements; a program handles ``ROWS`` consecutive chunks;
-* hyper table, float64 ``(G + 1, HYPER_COLS)``: one row of hyper-parameters per group and a
-  last row with the optimizer-wide clipping settings (float64 on the device: Triton would pass
-  Python floats as float32);
-* schedule tables, float64 ``(G, MAX_SEGMENTS, ROW)``: ``Schedule.table()`` of each group;
-* state, float64 ``(T + 1, STATE_COLS)``: written by ``prepare_kernel`` each step, read by
-  ``update_kernel``: per tensor its lr, decoupled decay factor and momentum-init flag, and a last
-  row with the clip coefficient, 1/grad_scale and whether the step goes ahead.
+* the hyper table on the device has one more row, ``OPT_ROW`` columns: the optimizer-wide
+  clipping settings (float64 on the device: Triton would pass Python floats as float32).
 
-The host side (layout, caching, launches) is ``triton_step.py``.
+The host side (caching, launches) is fused_lr/backends/triton.py.
 """
 
 from __future__ import annotations
@@ -25,32 +20,21 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from fused_lr import schedules as S
-from fused_lr.core.plan import NORM_EPS
+from fused_lr.core import layout as L
 
-# tensor table columns
-COL_PARAM, COL_GRAD, COL_BUF, COL_STEP, COL_NUMEL, COL_GROUP, COL_FRESH = range(7)
-TENSOR_COLS = 8
-# hyper table columns of a group row
-H_LR, H_MOMENTUM, H_DAMP1, H_NESTEROV, H_COUPLED_WD, H_DECOUPLED_WD, H_SIGN = range(7)
-# columns of the hyper table's last (optimizer-wide) row
-H_MAX_NORM, H_CLIP_VALUE = range(2)
-HYPER_COLS = 8
-# state columns of a tensor row, and of the last row
-S_LR, S_DECAY, S_INIT = range(3)
-S_COEF, S_INV_SCALE, S_GO = range(3)
-STATE_COLS = 4
+# columns of the device hyper table's last (optimizer-wide) row
+O_MAX_NORM, O_CLIP_VALUE = range(2)
 
-_TCOLS = tl.constexpr(TENSOR_COLS)
-_HCOLS = tl.constexpr(HYPER_COLS)
-_SCOLS = tl.constexpr(STATE_COLS)
-_C_PARAM, _C_GRAD, _C_BUF, _C_STEP = (tl.constexpr(c) for c in (COL_PARAM, COL_GRAD, COL_BUF, COL_STEP))
-_C_NUMEL, _C_GROUP, _C_FRESH = (tl.constexpr(c) for c in (COL_NUMEL, COL_GROUP, COL_FRESH))
-_H_LR, _H_MOMENTUM, _H_DAMP1, _H_NESTEROV = (tl.constexpr(c) for c in (H_LR, H_MOMENTUM, H_DAMP1, H_NESTEROV))
-_H_COUPLED_WD, _H_DECOUPLED_WD, _H_SIGN = (tl.constexpr(c) for c in (H_COUPLED_WD, H_DECOUPLED_WD, H_SIGN))
-_H_MAX_NORM, _H_CLIP_VALUE = tl.constexpr(H_MAX_NORM), tl.constexpr(H_CLIP_VALUE)
-_S_LR, _S_DECAY, _S_INIT = tl.constexpr(S_LR), tl.constexpr(S_DECAY), tl.constexpr(S_INIT)
-_S_COEF, _S_INV_SCALE, _S_GO = tl.constexpr(S_COEF), tl.constexpr(S_INV_SCALE), tl.constexpr(S_GO)
-_NORM_EPS = tl.constexpr(NORM_EPS)
+_TCOLS, _HCOLS, _SCOLS = tl.constexpr(L.TENSOR_COLS), tl.constexpr(L.HYPER_COLS), tl.constexpr(L.COEF_COLS)
+_C_PARAM, _C_GRAD, _C_BUF, _C_STEP = (tl.constexpr(c) for c in (L.T_PARAM, L.T_GRAD, L.T_STATE0, L.T_STEP))
+_C_NUMEL, _C_GROUP = tl.constexpr(L.T_NUMEL), tl.constexpr(L.T_GROUP)
+_H_LR, _H_WD, _H_FLAGS = tl.constexpr(L.H_LR), tl.constexpr(L.H_WEIGHT_DECAY), tl.constexpr(L.H_FLAGS)
+_H_MOMENTUM, _H_DAMP1 = tl.constexpr(L.H_R0), tl.constexpr(L.H_R1)  # the SGD rule's columns (fused_lr/optim/sgd.py)
+_F_MAXIMIZE, _F_DECOUPLED, _F_NESTEROV = (tl.constexpr(f) for f in (L.F_MAXIMIZE, L.F_DECOUPLED, L.F_NESTEROV))
+_H_MAX_NORM, _H_CLIP_VALUE = tl.constexpr(O_MAX_NORM), tl.constexpr(O_CLIP_VALUE)
+_S_LR, _S_DECAY, _S_INIT = tl.constexpr(L.C_LR), tl.constexpr(L.C_DECAY), tl.constexpr(L.C_INIT)
+_S_COEF, _S_INV_SCALE, _S_GO = tl.constexpr(L.W_CLIP_COEF), tl.constexpr(L.W_INV_SCALE), tl.constexpr(L.W_GO)
+_NORM_EPS = tl.constexpr(L.NORM_EPS)
 
 _SEGS = tl.constexpr(S.MAX_SEGMENTS)
 _ROW = tl.constexpr(S.ROW)
@@ -312,13 +296,13 @@ def sqrt_sum_kernel(partials, n, out, BLOCK: tl.constexpr):
 
 # ----------------------------------------------------------------------------- update
 @triton.jit
-def prepare_kernel(tensors, n_tensors, hyper, tables, n_groups, state, norm, scale, found,
+def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, state, norm, scale, found,
                    HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
                    KINDS: tl.constexpr, BLOCK: tl.constexpr):
     """One program, before update_kernel: the step-wide scalars (clip coefficient, 1/grad_scale,
-    skip) and, per tensor, the lr = kernel_lr x schedule(k) from its step count k, the decoupled
-    decay factor and whether the momentum buffer starts from the gradient; then k += 1 unless
-    found_inf is set. Everything stays on the device."""
+    go = not skipped) and, per tensor, the lr = kernel lr x schedule(its group's clock), the
+    decoupled decay factor and whether its state starts now (step count 0); then every step
+    count and, once all are read, every group clock advance by go. Everything stays on the device."""
     go = tl.full((), 1.0, tl.float64)
     if HAS_FOUND:
         go = tl.where(tl.load(found) != 0, 0.0, go)
@@ -326,8 +310,7 @@ def prepare_kernel(tensors, n_tensors, hyper, tables, n_groups, state, norm, sca
     if HAS_CLIP:
         # c = min(1, C / (N + eps)) as torch evaluates it: in N's dtype, C / x as reciprocal(x) * C
         nv = tl.load(norm)
-        c = _recip(nv + _NORM_EPS) * tl.load(hyper + n_groups * _HCOLS + _H_MAX_NORM).to(
-            nv.dtype)
+        c = _recip(nv + _NORM_EPS) * tl.load(hyper + n_groups * _HCOLS + _H_MAX_NORM).to(nv.dtype)
         coef = tl.where(c > 1.0, 1.0, c).to(tl.float64)  # keeps a NaN norm NaN, as torch.clamp does
     inv = tl.full((), 1.0, tl.float64)
     if HAS_SCALE:
@@ -341,29 +324,34 @@ def prepare_kernel(tensors, n_tensors, hyper, tables, n_groups, state, norm, sca
         m = idx < n_tensors
         row = tensors + idx * _TCOLS
         steps = tl.load(row + _C_STEP, mask=m, other=0).to(tl.pointer_type(tl.float32))
-        k = tl.load(steps, mask=m, other=0.0)
+        step = tl.load(steps, mask=m, other=0.0)
         group = tl.load(row + _C_GROUP, mask=m, other=0)
         h = hyper + group * _HCOLS
-        k64 = k.to(tl.float64)
-        lr = tl.load(h + _H_LR, mask=m, other=0.0) * _eval_tables(tables + group * (_SEGS * _ROW), k64, m, KINDS)
+        k = tl.load(clocks + group, mask=m, other=0.0).to(tl.float64)
+        lr = tl.load(h + _H_LR, mask=m, other=0.0) * _eval_tables(tables + group * (_SEGS * _ROW), k, m, KINDS)
+        flags = tl.load(h + _H_FLAGS, mask=m, other=0.0).to(tl.int32)
+        decoupled_wd = tl.where((flags & _F_DECOUPLED) != 0, tl.load(h + _H_WD, mask=m, other=0.0), 0.0)
         out = state + idx * _SCOLS
         tl.store(out + _S_LR, lr, mask=m)
-        tl.store(out + _S_DECAY, 1.0 - lr * tl.load(h + _H_DECOUPLED_WD, mask=m, other=0.0), mask=m)
-        init = (k64 == 0) | (tl.load(row + _C_FRESH, mask=m, other=0) != 0)
-        tl.store(out + _S_INIT, tl.where(init, 1.0, 0.0), mask=m)
-        # k + 0 rewrites k unchanged when the step is skipped
-        tl.store(steps, k + go.to(tl.float32), mask=m)
+        tl.store(out + _S_DECAY, 1.0 - lr * decoupled_wd, mask=m)
+        tl.store(out + _S_INIT, tl.where(step == 0, 1.0, 0.0), mask=m)
+        # step + 0 rewrites the count unchanged when the step is skipped
+        tl.store(steps, step + go.to(tl.float32), mask=m)
+    tl.debug_barrier()  # every lane has read its group's clock
+    for s in range(0, n_groups, BLOCK):
+        idx = s + tl.arange(0, BLOCK)
+        m = idx < n_groups
+        tl.store(clocks + idx, tl.load(clocks + idx, mask=m, other=0.0) + go.to(tl.float32), mask=m)
 
 
 @triton.jit
-def _update_block(P, G, B, offs, m, own, h, inv, clip_value, coef, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr, HAS_CLIP: tl.constexpr,
-                  MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr,
-                  MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MASKED: tl.constexpr):
-    """One (ROWS, BLOCK) tile; ``own`` and ``h`` point at each row's state and hyper rows, as
-    (ROWS, 1) columns.
-    The constexpr feature flags say whether any group uses a feature; rows of groups that do
-    not are left alone by its code (neutral values, or a select)."""
+def _update_block(P, G, B, offs, m, lr, decay, sign, wd, momentum, damp1, nesterov, init, inv, clip_value, coef,
+                  DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr,
+                  HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr,
+                  DECOUPLED_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MASKED: tl.constexpr):
+    """One (ROWS, BLOCK) tile of the SGD rule. The per-row scalars arrive loaded (hoisted out of
+    the block loop) as (ROWS, 1) columns. The constexpr feature flags say whether any group uses
+    a feature; rows of groups that do not are left alone by its code (neutral values, or a select)."""
     if MASKED:
         g = tl.load(G + offs, mask=m, other=0.0).to(COMPUTE)
         p = tl.load(P + offs, mask=m, other=0.0).to(COMPUTE)
@@ -373,31 +361,27 @@ def _update_block(P, G, B, offs, m, own, h, inv, clip_value, coef, DTYPE: tl.con
     if HAS_SCALE:
         g = g * inv
     if MAXIMIZE:
-        g = g * tl.load(h + _H_SIGN).to(COMPUTE)
+        g = g * sign
     if HAS_CLIP_VALUE:
         g = _clamp(g, clip_value)
     if HAS_CLIP:
         g = g * coef
     if COUPLED_WD:
-        wd = tl.load(h + _H_COUPLED_WD).to(COMPUTE)
         g = tl.where(wd != 0, g + wd * p, g)  # not g + 0 * p, which is NaN for an infinite p
     if DECOUPLED_WD:
-        p = p * tl.load(own + _S_DECAY).to(COMPUTE)  # the factor is exactly 1 without decay
+        p = p * decay  # the factor is exactly 1 without decay
     d = g
     if MOMENTUM:
-        momentum = tl.load(h + _H_MOMENTUM)
         has_momentum = momentum != 0
-        momentum = momentum.to(COMPUTE)
-        init = tl.load(own + _S_INIT) != 0
         m_buf = m & has_momentum if MASKED else has_momentum
-        # read only where the buffer holds momentum: never without one, nor on its first step
+        # read only where the buffer holds momentum: never without one, nor on its first use
         b = tl.load(B + offs, mask=m_buf & (init == 0), other=0.0).to(COMPUTE)
-        b = tl.where(init, g, momentum * b + tl.load(h + _H_DAMP1).to(COMPUTE) * g)
+        b = tl.where(init, g, momentum * b + damp1 * g)
         tl.store(B + offs, b.to(DTYPE), mask=m_buf)
         if NESTEROV:
-            b = tl.where(tl.load(h + _H_NESTEROV) != 0, g + momentum * b, b)
+            b = tl.where(nesterov, g + momentum * b, b)
         d = tl.where(has_momentum, b, g)
-    p = p - tl.load(own + _S_LR).to(COMPUTE) * d
+    p = p - lr * d
     if MASKED:
         tl.store(P + offs, p.to(DTYPE), mask=m)
     else:
@@ -410,18 +394,28 @@ def update_kernel(tensors, chunks, n_chunks, n_tensors, hyper, n_groups, state,
                   HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr,
                   DECOUPLED_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                   ALIGNED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """SPEC steps 0-7 on ROWS chunks, with the scalars prepare_kernel left in ``state``.
-    Arithmetic in the parameter dtype (float32 for 16-bit types); scalars are cast to it as
-    torch casts a Python number."""
+    """docs/step.md steps 0-7 (SGD rule) on ROWS chunks, with the scalars prepare_kernel left in
+    ``state``. Arithmetic in the parameter dtype (float32 for 16-bit types); scalars are cast to
+    it as torch casts a Python number."""
     COMPUTE: tl.constexpr = tl.float64 if DTYPE.is_fp64() else tl.float32
     _, tensor, row, start, end = _chunks(tensors, chunks, n_chunks, ROWS, CHUNK)
     last = state + n_tensors * _SCOLS
     end = start + (end - start) * tl.load(last + _S_GO).to(tl.int64)  # a skipped step touches nothing
     own = (state + tensor * _SCOLS)[:, None]
     h = (hyper + tl.load(row + _C_GROUP) * _HCOLS)[:, None]
+    # every per-row and step-wide scalar, loaded once per program
     coef = tl.load(last + _S_COEF).to(COMPUTE)
     inv = tl.load(last + _S_INV_SCALE).to(COMPUTE)
     clip_value = tl.load(hyper + n_groups * _HCOLS + _H_CLIP_VALUE).to(COMPUTE)
+    lr = tl.load(own + _S_LR).to(COMPUTE)
+    decay = tl.load(own + _S_DECAY).to(COMPUTE)
+    init = tl.load(own + _S_INIT) != 0
+    flags = tl.load(h + _H_FLAGS).to(tl.int32)
+    sign = tl.where((flags & _F_MAXIMIZE) != 0, -1.0, 1.0).to(COMPUTE)
+    wd = tl.where((flags & _F_DECOUPLED) != 0, 0.0, tl.load(h + _H_WD)).to(COMPUTE)
+    momentum = tl.load(h + _H_MOMENTUM).to(COMPUTE)
+    damp1 = tl.load(h + _H_DAMP1).to(COMPUTE)
+    nesterov = (flags & _F_NESTEROV) != 0
     P = _address(row, _C_PARAM, DTYPE, ALIGNED)
     G = _address(row, _C_GRAD, DTYPE, ALIGNED)
     B = _address(row, _C_BUF, DTYPE, ALIGNED)
@@ -429,12 +423,14 @@ def update_kernel(tensors, chunks, n_chunks, n_tensors, hyper, n_groups, state,
     n_full, n_all = _blocks(start, end, BLOCK)
     for i in range(n_full):
         offs = start[:, None] + i * BLOCK + lane
-        _update_block(P, G, B, offs, True, own, h, inv, clip_value, coef, DTYPE, COMPUTE, HAS_SCALE, HAS_CLIP_VALUE,
-                      HAS_CLIP, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, MOMENTUM, NESTEROV, False)
+        _update_block(P, G, B, offs, True, lr, decay, sign, wd, momentum, damp1, nesterov, init, inv, clip_value,
+                      coef, DTYPE, COMPUTE, HAS_SCALE, HAS_CLIP_VALUE, HAS_CLIP, MAXIMIZE, COUPLED_WD, DECOUPLED_WD,
+                      MOMENTUM, NESTEROV, False)
     for i in range(n_full, n_all):
         offs = start[:, None] + i * BLOCK + lane
-        _update_block(P, G, B, offs, offs < end[:, None], own, h, inv, clip_value, coef, DTYPE, COMPUTE, HAS_SCALE,
-                      HAS_CLIP_VALUE, HAS_CLIP, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, MOMENTUM, NESTEROV, True)
+        _update_block(P, G, B, offs, offs < end[:, None], lr, decay, sign, wd, momentum, damp1, nesterov, init, inv,
+                      clip_value, coef, DTYPE, COMPUTE, HAS_SCALE, HAS_CLIP_VALUE, HAS_CLIP, MAXIMIZE, COUPLED_WD,
+                      DECOUPLED_WD, MOMENTUM, NESTEROV, True)
 
 
 def _call_helpers_directly() -> None:
