@@ -52,7 +52,7 @@ class NumbaBackend:
     def __init__(self):
         self._plan: Plan | None = None
         self._work: list[tuple[slice, _Work]] = []
-        self.builds = 0  # work lists built: once per plan (the cache's observable behaviour)
+        self.rebuilds = 0  # work lists built: once per plan (the cache's observable behaviour)
 
     def unsupported(self, plan: Plan) -> str | None:
         bad = [b.dtype for b in plan.buckets if b.dtype not in _DTYPES]
@@ -63,7 +63,7 @@ class NumbaBackend:
             self._work = [(slice(b.start, b.stop), _Work(plan.table[b.start:b.stop, L.T_NUMEL], _DTYPES[b.dtype]))
                           for b in plan.buckets]
             self._plan = plan
-            self.builds += 1
+            self.rebuilds += 1
         return self._work
 
     @staticmethod

@@ -286,10 +286,10 @@ class FusedOptimizer(Optimizer):
                 continue
             self._check_group(group, f"param group {gi}")
             self._write_row(settings, gi, group)
-            names = self.state_names(group)
-            if self._group_keys[gi] is not None and names != self._state_names_of[gi]:
+            state_names = self.state_names(group)
+            if self._group_keys[gi] is not None and state_names != self._state_names_of[gi]:
                 self._plans.clear()  # the rule keeps other state now (momentum switched on, ...)
-            self._group_keys[gi], self._state_names_of[gi] = key, names
+            self._group_keys[gi], self._state_names_of[gi] = key, state_names
             settings.version += 1
         if (self.max_grad_norm, self.clip_value) != (settings.max_grad_norm, settings.clip_value):
             for problem in (clip_problem("max_grad_norm", self.max_grad_norm),
