@@ -20,7 +20,7 @@ from cases import backend_cases, batches, make_model, max_rel_diff
 from fused_lr import FusedSGD
 
 STEPS = 12
-INF_STEPS = {0, 5}  # the first step (SPEC's case, on a real model) and one mid-run
+INF_STEPS = {0, 5}  # the first step (docs/step.md, "The stock fused SGD defect", on a real model) and one mid-run
 CFG = dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=5e-4)
 MAX_NORM = 0.05
 
@@ -114,7 +114,8 @@ def test_skipped_step_changes_nothing(backend, device):
 
 
 def spec_case(opt_factory, dampening=0.0, deterministic=False):
-    """SPEC.md's scenario: the first step is skipped for an inf gradient, then a unit gradient.
+    """The scenario of docs/step.md, "The stock fused SGD defect": the first step is skipped for an
+    inf gradient, then a unit gradient.
     Returns the parameter after the second step."""
     p = torch.nn.Parameter(torch.zeros(64))
     opt = opt_factory([p], lr=0.1, momentum=0.9, dampening=dampening)
@@ -149,7 +150,7 @@ def test_skipped_first_step_then_step(backend, device, dampening):
 
 def test_stock_fused_sgd_defect():
     """Why the test above exists: torch's own fused SGD reads a momentum buffer it allocated,
-    uninitialised, during the skipped step (SPEC.md, "Known defect")."""
+    uninitialised, during the skipped step (docs/step.md, "The stock fused SGD defect")."""
     loop = spec_case(lambda *a, **kw: torch.optim.SGD(*a, foreach=False, **kw), deterministic=True)
     stock = spec_case(lambda *a, **kw: torch.optim.SGD(*a, fused=True, **kw), deterministic=True)
     assert torch.allclose(loop, torch.full_like(loop, -0.1))
