@@ -11,6 +11,9 @@ Table layout: ``MAX_SEGMENTS`` rows of ``ROW`` float64 numbers,
 ``k`` is the last one with ``start <= k`` and it sees the local step ``k - start``. Unused rows
 start at +inf. Composites (``Join``, ``Warmup``, ``MultiStep``) flatten into rows, so the
 evaluator never recurses.
+
+docs/step.md states the catalogue ("Schedules") and the table with every kind's parameters
+("The schedule table").
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from cases import backend_cases, batches, make_model, max_rel_diff
 from fused_lr import FusedSGD
 
 STEPS = 12
-INF_STEPS = {0, 5}  # the first step (SPEC's case, on a real model) and one mid-run
+INF_STEPS = {0, 5}  # the first step (docs/step.md, "The stock fused SGD defect", on a real model) and one mid-run
 CFG = dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=5e-4)
 MAX_NORM = 0.05
 
@@ -113,8 +113,9 @@ def test_skipped_step_changes_nothing(backend, device):
     assert {float(opt.state[p]["step"]) for p in model.parameters()} == {3.0}
 
 
-def spec_case(opt_factory, dampening=0.0, deterministic=False):
-    """SPEC.md's scenario: the first step is skipped for an inf gradient, then a unit gradient.
+def skipped_first_step(opt_factory, dampening=0.0, deterministic=False):
+    """The scenario of docs/step.md, "The stock fused SGD defect": the first step is skipped for an
+    inf gradient, then a unit gradient.
     Returns the parameter after the second step."""
     p = torch.nn.Parameter(torch.zeros(64))
     opt = opt_factory([p], lr=0.1, momentum=0.9, dampening=dampening)
@@ -141,17 +142,17 @@ def spec_case(opt_factory, dampening=0.0, deterministic=False):
 def test_skipped_first_step_then_step(backend, device, dampening):
     # dampening 0.3 tells "buffer initialised from the gradient" (b = g) apart from "zero
     # buffer updated as usual" (b = 0.7 g), which would equal it without dampening
-    expected = spec_case(lambda *a, **kw: torch.optim.SGD(*a, foreach=False, **kw), dampening)
-    got = spec_case(lambda *a, **kw: FusedSGD(*a, backend=backend, **kw), dampening)
+    expected = skipped_first_step(lambda *a, **kw: torch.optim.SGD(*a, foreach=False, **kw), dampening)
+    got = skipped_first_step(lambda *a, **kw: FusedSGD(*a, backend=backend, **kw), dampening)
     assert torch.equal(got, expected)
     assert torch.allclose(expected, torch.full_like(expected, -0.1))
 
 
 def test_stock_fused_sgd_defect():
     """Why the test above exists: torch's own fused SGD reads a momentum buffer it allocated,
-    uninitialised, during the skipped step (SPEC.md, "Known defect")."""
-    loop = spec_case(lambda *a, **kw: torch.optim.SGD(*a, foreach=False, **kw), deterministic=True)
-    stock = spec_case(lambda *a, **kw: torch.optim.SGD(*a, fused=True, **kw), deterministic=True)
+    uninitialised, during the skipped step (docs/step.md, "The stock fused SGD defect")."""
+    loop = skipped_first_step(lambda *a, **kw: torch.optim.SGD(*a, foreach=False, **kw), deterministic=True)
+    stock = skipped_first_step(lambda *a, **kw: torch.optim.SGD(*a, fused=True, **kw), deterministic=True)
     assert torch.allclose(loop, torch.full_like(loop, -0.1))
     if torch.equal(stock, loop):
         pytest.skip(f"torch {torch.__version__} fixed fused SGD's uninitialised buffer after a skipped step")

@@ -3,9 +3,9 @@
 csrc/fused_lr_math.h holds everything the kernels compute per element or per block as
 ``__host__ __device__`` functions. This test compiles them into a small host program
 (csrc/tests/host_math.cpp) with the system C++ compiler and holds its answers to the Python
-oracles: ``fused_lr.schedules.eval_table`` for the schedule tables, ``fused_lr.reference`` for
-the update and the gradient norm, and ``cuda_backend.chunk_layout`` for the chunk indexing.
-It also builds cuda_backend's device tables on CPU tensors and checks their rows, and drives
+oracles: ``fused_lr.schedules.eval_table`` for the schedule tables, ``fused_lr.backends.reference`` for
+the update and the gradient norm, and ``fused_lr.backends.cuda.chunk_layout`` for the chunk indexing.
+It also builds the CUDA backend's device tables on CPU tensors and checks their rows, and drives
 FusedSGD on CudaBackend end to end through a host twin of the launches
 (csrc/tests/host_launch.cpp: the kernels' chunk walk over the same tables, run on the CPU).
 What none of this runs is kernels.cu itself (the launches, the block reductions, the device

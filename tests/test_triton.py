@@ -17,7 +17,7 @@ from fused_lr import FusedSGD, available_backends, schedules
 from fused_lr.backends import BackendUnavailable, devices
 
 triton = pytest.importorskip("triton")
-triton_step = pytest.importorskip("fused_lr.kernels.triton_step")
+triton_step = pytest.importorskip("fused_lr.backends.triton")
 
 RUNS = available_backends()["triton"] is True and "cpu" in devices("triton")
 needs_interpreter = pytest.mark.skipif(not RUNS, reason=f"triton does not run on CPU tensors here: "
@@ -138,7 +138,7 @@ def test_strided_params_and_grads():
 # ----------------------------------------------------------------------------- AMP
 @needs_interpreter
 def test_skipped_first_step_changes_nothing_then_initialises_momentum():
-    """SPEC's stock-fused-SGD defect: a first step skipped for an inf gradient must leave no
+    """docs/step.md, "The stock fused SGD defect": a first step skipped for an inf gradient must leave no
     trace (no param, buffer or step change), and the next step must start the buffer from the
     gradient."""
     p = torch.zeros(4, requires_grad=True)
