@@ -15,6 +15,7 @@ import torch
 
 from fused_lr import FusedSGD, available_backends, schedules
 from fused_lr.backends import BackendUnavailable, devices
+from fused_lr.core import layout as L
 
 triton = pytest.importorskip("triton")
 triton_step = pytest.importorskip("fused_lr.backends.triton")
@@ -73,19 +74,18 @@ def test_tables_are_reused_while_nothing_moves():
     params = [torch.randn(n, dtype=torch.float64, requires_grad=True) for n in (5, 300, 7)]
     opt = make_opt(params, "triton", schedule=schedules.Cosine(10))
     fill_grads(params, 0)
-    opt.step()  # builds the tables: momentum buffers are new ("fresh")
-    opt.step()  # rebuilds once: the fresh flags dropped
+    opt.step()  # builds the tables
     backend = opt._backend
-    built, hyper = backend.rebuilds, backend._hyper
+    built, hyper, tensors = backend.rebuilds, backend._hyper, backend._tables.tensors
     for _ in range(3):
         for p in params:  # new gradient values, same tensors
             p.grad.normal_()
         opt.step()
-    assert backend.rebuilds == built
-    assert backend._hyper is hyper
-    opt.param_groups[0]["lr"] = 0.05  # a hyper-parameter change re-uploads only the hyper table
+    assert backend.rebuilds == built == 1
+    opt.param_groups[0]["lr"] = 0.05  # a hyper-parameter change re-uploads only the hyper rows, in place
     opt.step()
-    assert backend.rebuilds == built and backend._hyper is not hyper
+    assert backend.rebuilds == built and backend._hyper is hyper and backend._tables.tensors is tensors
+    assert float(hyper[0, L.H_LR]) == 0.05
 
 
 @needs_interpreter
@@ -105,15 +105,18 @@ def test_tables_follow_moved_tensors():
                     p.data = p.data.double()
                     p.grad = None
         before = opts[1]._backend.rebuilds if step else 0
+        moved = step in (0, 3)
         for params, opt in zip((ref, got), opts, strict=True):
             opt.zero_grad(set_to_none=True)
             fill_grads(params, step)
             live += [p.grad for p in params]
             opt.step()
-        assert opts[1]._backend.rebuilds > before  # new grads every step, at new addresses
+        # new parameters rebuild the tables; new gradients only rewrite their addresses
+        assert (opts[1]._backend.rebuilds > before) == moved
         for r, g in zip(ref, got, strict=True):
             torch.testing.assert_close(g, r, **TOL[torch.float32])
-    assert got[0].dtype == torch.float64 and opts[1].state[got[0]]["momentum_buffer"].dtype == torch.float32
+    # the buffers follow their parameters' dtype, as torch's load_state_dict casts state
+    assert got[0].dtype == torch.float64 and opts[1].state[got[0]]["momentum_buffer"].dtype == torch.float64
 
 
 @needs_interpreter
@@ -199,23 +202,26 @@ def test_device_schedule_equals_host_schedule():
     The kernels mirror eval_table (whose equality with each schedule's formula is the schedule
     tests' business). Tolerance: the kernels' pow is exp(y log x), off by ~(1 + |y log x|) ulp,
     so 1e-12 relative."""
-    groups, expected = [], []
+    groups, expected, clocks = [], [], []
     for sched in SCHEDULES.values():
-        params = [torch.zeros(1, dtype=torch.float64, requires_grad=True) for _ in KS]
-        groups.append(dict(params=params, schedule=sched))
-        expected += [-0.5 * sched.host_scale * schedules.eval_table(sched.table(), k) for k in KS]
+        for k in KS:
+            groups.append(dict(params=[torch.zeros(1, dtype=torch.float64, requires_grad=True)], schedule=sched))
+            expected.append(-0.5 * sched.host_scale * schedules.eval_table(sched.table(), k))
+            clocks.append(float(k))
     opt = FusedSGD(groups, lr=0.5, backend="triton")
+    sd = opt.state_dict()
+    for g, k in zip(sd["param_groups"], clocks, strict=True):
+        g["schedule_step"] = torch.tensor(k)  # each group's clock at its k
+    opt.load_state_dict(sd)
     for group in groups:
-        for p, k in zip(group["params"], KS, strict=True):
-            p.grad = torch.ones(1, dtype=torch.float64)
-            opt.state[p]["step"] = torch.tensor(float(k))
+        group["params"][0].grad = torch.ones(1, dtype=torch.float64)
     opt.step()
-    got = torch.cat([p.detach() for group in groups for p in group["params"]])
+    got = torch.cat([group["params"][0].detach() for group in groups])
     names = [f"{name}@k={k}" for name in SCHEDULES for k in KS]
     bad = [(n, float(g), e) for n, g, e in zip(names, got, expected, strict=True)
            if abs(float(g) - e) > 1e-12 * abs(e) + 1e-300]
     assert not bad, bad[:10]
-    assert {float(opt.state[p]["step"]) for g in groups for p in g["params"]} == {k + 1.0 for k in KS}
+    assert [float(g["schedule_step"]) for g in opt.state_dict()["param_groups"]] == [k + 1.0 for k in clocks]
 
 
 # ----------------------------------------------------------------------------- dtypes
@@ -303,12 +309,12 @@ _COMPILE_ALL = textwrap.dedent("""
         compile(K.sqrt_sum_kernel, {"partials": acc, "n": "i32", "out": acc}, dict(BLOCK=1024))
     for norm in ("*fp32", "*fp64"):
         compile(K.prepare_kernel, {"tensors": "*i64", "n_tensors": "i32", "hyper": "*fp64", "tables": "*fp64",
-                                   "n_groups": "i32", "state": "*fp64", "norm": norm, "scale": "*fp32",
-                                   "found": "*fp32"},
+                                   "clocks": "*fp32", "n_groups": "i32", "state": "*fp64", "norm": norm,
+                                   "scale": "*fp32", "found": "*fp32"},
                 dict(HAS_CLIP=True, HAS_SCALE=True, HAS_FOUND=True, KINDS=ALL_KINDS, BLOCK=128))
     compile(K.prepare_kernel, {"tensors": "*i64", "n_tensors": "i32", "hyper": "*fp64", "tables": "*fp64",
-                               "n_groups": "i32", "state": "*fp64", "norm": "*fp32", "scale": "*fp32",
-                               "found": "*fp32"},
+                               "clocks": "*fp32", "n_groups": "i32", "state": "*fp64", "norm": "*fp32",
+                               "scale": "*fp32", "found": "*fp32"},
             dict(HAS_CLIP=False, HAS_SCALE=False, HAS_FOUND=False, KINDS=1, BLOCK=128))
     print("compiled")
 """)

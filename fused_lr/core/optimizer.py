@@ -192,11 +192,11 @@ class FusedOptimizer(Optimizer):
         # checkpoint (torch.load(weights_only=True) could not read them). Their position is each
         # group's clock, saved as "schedule_step".
         sd = super().state_dict()
-        clocks = None if self._clocks is None else self._clocks.clone()
+        clocks = self._clocks.clone() if self._clocks is not None and self._clocks.numel() == len(self.param_groups) \
+            else torch.zeros(len(self.param_groups))
         for gi, g in enumerate(sd["param_groups"]):
             g.pop("schedule", None)
-            if clocks is not None and gi < clocks.numel():
-                g["schedule_step"] = clocks[gi]
+            g["schedule_step"] = clocks[gi]
         # A GradScaler-skipped first step leaves state that holds nothing yet (created before the
         # kernel saw found_inf; step 0 marks it). torch's optimizers would take such buffers for real
         # ones, so only the step count stays, as torch keeps nothing before a first step.
@@ -236,7 +236,7 @@ class FusedOptimizer(Optimizer):
                                   f"for param group {gi}; the schedule resumes at k={clocks[-1]:.0f}, the most "
                                   f"steps any of its parameters took", stacklevel=2)
         device = self._device()
-        self._clocks = None if device is None else torch.tensor(clocks, dtype=torch.float32, device=device)
+        self._clocks = torch.tensor(clocks, dtype=torch.float32, device=device or "cpu")
         self._reset_caches()
 
     def _fill_group_defaults(self) -> None:
