@@ -372,7 +372,11 @@ class FusedOptimizer(Optimizer):
                 continue
             if g.is_sparse:
                 raise RuntimeError(f"{self._name(pos)}: {type(self).__name__} does not support sparse gradients")
-            rows.append((pos, self._group_index[pos], v, addressable_problem(v)))
+            if v.device.type == "meta":
+                raise RuntimeError(f"{self._name(pos)} is a meta tensor (it has no data): materialise the model "
+                                   f"(for example model.to_empty(device=...) and initialise it) before stepping")
+            problem = addressable_problem(v)
+            rows.append((pos, self._group_index[pos], v, problem and f"{self._name(pos)} being {problem}"))
         devices = {r[2].device for r in rows}
         if len(devices) > 1:
             raise RuntimeError(f"{type(self).__name__} fuses all parameters into one launch, so they must share one "
