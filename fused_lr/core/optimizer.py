@@ -13,6 +13,7 @@ and the hyper-parameter rows that changed, and launches the backend.
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import sys
@@ -32,6 +33,7 @@ from fused_lr.schedules import Constant, Schedule
 
 _CONSTANT = Constant()
 _GRAD = operator.attrgetter("grad")
+_IS_NONE = functools.partial(operator.is_, None)
 _DATA_PTR = torch.Tensor.data_ptr
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -332,14 +334,21 @@ class FusedOptimizer(Optimizer):
                 self._signature = (self._signature[0], addresses)
                 self._plans.clear()
         grads = list(map(_GRAD, params))
-        missing = grads.count(None)
-        if missing == len(grads):
-            return None, params
-        mask = None if missing == 0 else tuple(g is not None for g in grads)
+        try:  # every parameter has a gradient with storage: the common case, in one C-level pass
+            ptrs = list(map(_DATA_PTR, grads))
+            mask = None
+        except (TypeError, RuntimeError):
+            ptrs = None
+            absent = list(map(_IS_NONE, grads))  # identity tests: list.count(None) would call Tensor.__eq__
+            if all(absent):
+                return None, params
+            mask = tuple(absent) if any(absent) else None
         plan = self._plans.get(mask)
         if plan is None:
             plan = self._plans[mask] = self._build_plan(params, views, grads)
-        if plan.positions:
+        if plan.in_order and mask is None:  # the rows are the parameters, as they stand
+            plan.set_grads(grads, self._where(plan), ptrs)
+        elif plan.positions:
             pick = operator.itemgetter(*plan.positions)(grads)
             plan.set_grads([pick] if len(plan.positions) == 1 else list(pick), self._where(plan))
         return plan, params

@@ -16,7 +16,6 @@ kernel backends then leave the step to the reference.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -26,11 +25,8 @@ import torch
 from fused_lr.core import layout as L
 
 _DATA_PTR = torch.Tensor.data_ptr
-_STRIDE = torch.Tensor.stride
-_DTYPE = operator.attrgetter("dtype")
-_DEVICE = operator.attrgetter("device")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-_ADDRESS_COLS = [L.T_PARAM, L.T_GRAD, L.T_STATE0, L.T_STATE1, L.T_STATE2]
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -79,6 +75,7 @@ class Plan:
     device: torch.device
     rule: int
     positions: list[int]  # each row's index in the optimizer's flat parameter list
+    in_order: bool  # positions are 0..T-1: every parameter, in the optimizer's order
     params: list[torch.Tensor]  # what the kernels address (a DTensor's local shard), row order
     group_of: np.ndarray  # int64 (T,)
     buckets: list[Bucket]
@@ -92,7 +89,10 @@ class Plan:
     grad_version: int = 0
     state_version: int = 0
     _grad_ptrs: list[int] | None = None
-    _expect: tuple | None = None  # (types, dtypes, devices, strides) a gradient must have to be used as is
+    # what a gradient must be to be used as is: (types, is_contiguous per row, [(row, strides)] of the
+    # rows whose parameter is not contiguous); and which rows are 16-byte aligned but for the gradient
+    _expect: tuple | None = None
+    _aligned: np.ndarray | None = None
 
     @classmethod
     def build(cls, device: torch.device, rule: int, rows: list[tuple[int, int, torch.Tensor, str | None]]) -> Plan:
@@ -113,36 +113,43 @@ class Plan:
         table[:, L.T_NUMEL] = [p.numel() for p in params]
         table[:, L.T_GROUP] = [r[1] for r in rows]
         norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        plan = cls(device=device, rule=rule, positions=[r[0] for r in rows], params=params,
+        positions = [r[0] for r in rows]
+        plan = cls(device=device, rule=rule, positions=positions, in_order=positions == list(range(len(rows))),
+                   params=params,
                    group_of=table[:, L.T_GROUP].copy(), buckets=buckets, table=table, problem=problem,
                    norm_dtype=norm_dtype)
-        plan._expect = (list(map(type, params)) if problem else [torch.Tensor] * len(params),
-                        list(map(_DTYPE, params)), list(map(_DEVICE, params)),
-                        None if problem else list(map(_STRIDE, params)))
+        if problem is None:
+            contiguous = list(map(_IS_CONTIGUOUS, params))
+            plan._expect = ([torch.Tensor] * len(params), contiguous,
+                            [(i, p.stride()) for i, (p, c) in enumerate(zip(params, contiguous, strict=True)) if not c])
+            plan._aligned = table[:, L.T_PARAM] % 16 == 0
         return plan
 
     # ------------------------------------------------------------------ per step
-    def set_grads(self, grads: list[torch.Tensor], where) -> None:
-        """This step's gradients (row order). New addresses are written into the table in place;
-        a gradient whose type, dtype, device or layout differs from its parameter's is checked
-        (``where(row)`` names it in errors) and staged into a copy laid out like the parameter."""
+    def set_grads(self, grads: list[torch.Tensor], where, ptrs: list[int] | None = None) -> None:
+        """This step's gradients (row order; ``ptrs`` their addresses when the caller has them).
+        New addresses are written into the table in place; a gradient that is not laid out like its
+        parameter is checked (``where(row)`` names it in errors) and staged into a copy that is."""
         if self.problem is not None:
             self.grads = grads
             return
-        try:
-            ptrs = list(map(_DATA_PTR, grads))
-        except RuntimeError:  # no storage: a sparse or subclass gradient, named below
-            ptrs = None
+        if ptrs is None:
+            try:
+                ptrs = list(map(_DATA_PTR, grads))
+            except RuntimeError:  # no storage: a sparse or wrapper-subclass gradient, named below
+                ptrs = None
         if ptrs is not None and ptrs == self._grad_ptrs:
             self.grads = grads
             return
-        types, dtypes, devices, strides = self._expect
-        if ptrs is None or list(map(type, grads)) != types or list(map(_DTYPE, grads)) != dtypes \
-                or list(map(_DEVICE, grads)) != devices or list(map(_STRIDE, grads)) != strides:
+        # torch's grad setter already holds a gradient to its parameter's dtype, device and shape,
+        # and a gradient without plain storage has no address (data_ptr raised above); what is left
+        # to check is the layout, in C-level maps: a non-dense gradient must never be walked flat
+        if ptrs is None or self._grad_ptrs is None or list(map(_IS_CONTIGUOUS, grads)) != self._expect[1] \
+                or any(grads[i].stride() != st for i, st in self._expect[2]):
             grads = [self._conforming(i, g, where) for i, g in enumerate(grads)]
             ptrs = list(map(_DATA_PTR, grads))
         self.table[:, L.T_GRAD] = ptrs
-        self._refresh_alignment()
+        self.table[:, L.T_ALIGNED] = self._aligned & (self.table[:, L.T_GRAD] % 16 == 0)
         self._grad_ptrs = ptrs
         self.grads = grads
         self.grad_version += 1
@@ -171,16 +178,15 @@ class Plan:
             for i, sts in enumerate(states):
                 self.table[i, L.T_STATE0:L.T_STATE0 + len(sts)] = list(map(_DATA_PTR, sts.values()))
             self.table[:, L.T_STEP] = list(map(_DATA_PTR, steps))
-            self._refresh_alignment()
+            state_cols = [L.T_PARAM, L.T_STATE0, L.T_STATE1, L.T_STATE2]
+            self._aligned = np.all(self.table[:, state_cols] % 16 == 0, axis=1)
+            self.table[:, L.T_ALIGNED] = self._aligned & (self.table[:, L.T_GRAD] % 16 == 0)
         self.state_version += 1
 
     @property
     def bound(self) -> bool:
         return self.states is not None
 
-    def _refresh_alignment(self) -> None:
-        """Whether every address of a row is 16-byte aligned (vector loads), per row."""
-        self.table[:, L.T_ALIGNED] = np.all(self.table[:, _ADDRESS_COLS] % 16 == 0, axis=1)
 
 
 def _dtype_rank(dtype: torch.dtype) -> int:
