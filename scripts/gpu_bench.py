@@ -166,7 +166,7 @@ def copy_probe(mib: int, repeat: int = 20) -> dict:
     """A device-to-device copy of ``mib`` MiB, far larger than any L2, counting bytes read and
     written: the bandwidth a streaming kernel can hope for on this device."""
     n = mib * 2**20 // 4
-    src = torch.rand(n, device="cuda")  # random, not zeros: see the device notes on timing zeros
+    src = torch.rand(n, device="cuda")  # random, not zeros: zeros can time faster than real data
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
@@ -308,6 +308,7 @@ def profile_counts(c: Contender, steps: int, path: Path) -> dict:
             with record_function(STEP_MARK):
                 c.step()
         torch.cuda.synchronize()  # outside the step ranges: every kernel lands in the trace
+    path.parent.mkdir(parents=True, exist_ok=True)
     raw = path.with_suffix("")
     prof.export_chrome_trace(str(raw))
     trace = json.loads(raw.read_text())
@@ -400,6 +401,15 @@ def graph_matches_eager(backend: str, dtype: torch.dtype, steps: int) -> dict:
                 lr_end=opt_e.current_lr()[0])
 
 
+def attempt(record: dict, key: str, fn: Callable[[], object]) -> None:
+    """``record[key] = fn()``, or what it raised under ``key + "_error"``: one failed measurement
+    leaves the others standing."""
+    try:
+        record[key] = fn()
+    except Exception as e:
+        record[f"{key}_error"] = f"{type(e).__name__}: {e}"
+
+
 def step_bench(dtype_name: str, trace_dir: Path, copy_gbps: float | None, equal_steps: int, rounds: int) -> dict:
     dtype = DTYPES[dtype_name]
     numel, tensors = resnet50_size()
@@ -425,30 +435,26 @@ def step_bench(dtype_name: str, trace_dir: Path, copy_gbps: float | None, equal_
         res[name]["wall_ms"] = ms
     cycles = sleep_cycles(SLEEP_MS)
     for c in contenders:
-        slug = c.name.replace(" ", "-")
-        res[c.name]["profile"] = profile_counts(c, 10, trace_dir / f"trace-{dtype_name}-{slug}.json.gz")
-        res[c.name]["blocking"] = blocking(c, cycles)
-    graphs = {}
-    for c in contenders:
-        try:
-            graphs[c.name] = capture(c.device_step)
-        except Exception as e:
-            res[c.name]["graph_error"] = f"{type(e).__name__}: {e}"
+        r = res[c.name]
+        trace = trace_dir / f"trace-{dtype_name}-{c.name.replace(' ', '-')}.json.gz"
+        attempt(r, "profile", lambda c=c, trace=trace: profile_counts(c, 10, trace))
+        attempt(r, "blocking", lambda c=c: blocking(c, cycles))
+        attempt(r, "graph", lambda c=c: capture(c.device_step))
+    graphs = {name: r.pop("graph") for name, r in res.items() if "graph" in r}
     for name, ms in graph_ms(graphs, rounds, 50).items():
         res[name]["gpu_ms"] = ms
         res[name]["gbps"] = out["bytes_per_step"] / ms / 1e6
     for name, r in res.items():
-        pattern_us = r["profile"]["pattern_us"]
+        pattern_us = r.get("profile", {}).get("pattern_us", 0)
         if name != TORCH and pattern_us > 0:
             r["update_gbps"] = out["update_bytes"] / pattern_us / 1e3
     out["contenders"] = res
     del graphs, contenders
     torch.cuda.empty_cache()
     for b in FUSED_BACKENDS:
-        try:
-            out["graph_equal"][b] = graph_matches_eager(b, dtype, equal_steps)
-        except Exception as e:
-            out["graph_equal"][b] = dict(error=f"{type(e).__name__}: {e}")
+        eq = {}
+        attempt(eq, "result", lambda b=b: graph_matches_eager(b, dtype, equal_steps))
+        out["graph_equal"][b] = eq.get("result") or dict(error=eq["result_error"])
     return out
 
 
@@ -535,7 +541,6 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "copy":
         result = copy_probe(args.mib)
     elif args.cmd == "step":
-        args.trace_dir.mkdir(parents=True, exist_ok=True)
         if args.copy_json is not None and args.copy_json.is_file():
             gbps = json.loads(args.copy_json.read_text())["gbps"]
         else:

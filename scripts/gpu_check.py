@@ -35,6 +35,7 @@ BENCH = ROOT / "scripts" / "gpu_bench.py"
 TOTAL_BUDGET = 465  # seconds: the whole check ends inside 8 minutes, archive included
 MIN_START = 10  # seconds: an item is not started with less than this left
 MARKER = ".gpu-check"  # marks a folder this script wrote, so a re-run may empty it
+ALWAYS = ("env", "build")  # run under --only too: every other item needs them on a bare machine
 
 # The targets the check measures (issue 12).
 EAGER_SPEEDUP = 1.25  # ResNet-50 fp32 clipped step, eager wall time, over torch's fused path
@@ -47,7 +48,7 @@ FUSED_BACKENDS = ("cuda", "triton")
 # Where a tool may live when it is not on PATH: the CUDA toolkit's folders and Nsight Compute's.
 TOOL_DIRS = ["$CUDA_HOME/bin", "/usr/local/cuda/bin", "/usr/local/cuda/compute-sanitizer",
              "/opt/nvidia/nsight-compute/*"]
-TOOLS = ("nvcc", "ncu", "compute-sanitizer", "nvidia-smi")
+TOOLS = ("nvcc", "ncu", "compute-sanitizer", "nvidia-smi", "cmake", "make", "ninja")
 
 
 @dataclass
@@ -240,8 +241,10 @@ def cuda_arch(env: dict) -> str:
 def item_build(ctx: Ctx, item: Item, timeout: float) -> Result:
     log = ctx.out / "build.log"
     env = child_env(FUSED_LR_CUDA="1", FUSED_LR_CUDA_ARCHS=cuda_arch(ctx.env))
+    if not ctx.tools.get("make") and ctx.tools.get("ninja") and "CMAKE_GENERATOR" not in env:
+        env["CMAKE_GENERATOR"] = "Ninja"  # CMake's default generator needs make
     pip = [ctx.python, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."]
-    t0 = time.monotonic()
+    t0, started = time.monotonic(), time.time()
     proc = run_cmd(pip, log, timeout, env)
     checks = [Check("pip install --no-build-isolation --no-deps --no-index -e . (FUSED_LR_CUDA=1)",
                     "timed out" if proc.rc is None else f"exit {proc.rc}", "exit 0", proc.rc == 0)]
@@ -253,12 +256,14 @@ def item_build(ctx: Ctx, item: Item, timeout: float) -> Result:
                        append=True)
     proc.seconds = time.monotonic() - t0
     suffix = ctx.env.get("ext_suffix") or ".so"
-    built = sorted((ROOT / "fused_lr").glob(f"_cuda*{suffix}"))
-    checks.append(Check(f"extension module fused_lr/_cuda{suffix}", built[0].name if built else "missing", "present",
-                        bool(built)))
+    # only a module this build wrote counts: one left by an earlier run proves nothing
+    built = [p for p in sorted((ROOT / "fused_lr").glob(f"_cuda*{suffix}")) if p.stat().st_mtime >= started - 1]
+    checks.append(Check(f"extension module fused_lr/_cuda{suffix}, written by this build",
+                        built[0].name if built else "missing", "present", bool(built)))
     m = re.search(r"fused_lr: built (\S+) in (\d+) s", proc.text())
     data = dict(route=route, seconds=round(proc.seconds, 1), cmake_seconds=int(m.group(2)) if m else None,
-                arch=env["FUSED_LR_CUDA_ARCHS"], module=built[0].name if built else None)
+                arch=env["FUSED_LR_CUDA_ARCHS"], generator=env.get("CMAKE_GENERATOR", "CMake's default"),
+                module=built[0].name if built else None)
     return from_checks(item.name, proc, checks, data, f"{data['module']} by {route} in {proc.seconds:.0f} s")
 
 
@@ -323,7 +328,10 @@ def step_checks(data: dict, speed_targets: bool) -> list[Check]:
                                 f"{frac:.0%} ({upd:.0f} of {copy:.0f} GB/s)" if frac else "not measured",
                                 f">= {UPDATE_FRACTION:.0%}", bool(frac) and frac >= UPDATE_FRACTION))
         prof = r.get("profile", {})
-        if not prof.get("api_calls_per_step"):
+        if "profile_error" in r:
+            checks.append(Check(f"{b}: host syncs per step (profiler API trace)",
+                                f"not measured: {r['profile_error']}", "0", False))
+        elif not prof.get("api_calls_per_step"):
             checks.append(Check(f"{b}: host syncs per step (profiler API trace)",
                                 "no CUDA API calls recorded in the step ranges, so none could be counted", "0", False))
         else:
@@ -332,7 +340,10 @@ def step_checks(data: dict, speed_targets: bool) -> list[Check]:
             checks.append(Check(f"{b}: host syncs per step (profiler API trace)",
                                 f"{syncs:g}" + (f" ({named})" if named else ""), "0", syncs == 0))
         block = r.get("blocking")
-        if block:
+        if "blocking_error" in r:
+            checks.append(Check(f"{b}: step returns while a kernel is queued (no wait)",
+                                f"not measured: {r['blocking_error']}", "no wait", False))
+        elif block:
             checks.append(Check(f"{b}: step returns while a {block['sleep_ms']:.0f} ms kernel is queued (no wait)",
                                 f"returned in {block['host_ms']:.2f} ms", f"< {block['sleep_ms'] / 2:.0f} ms",
                                 not block["blocked"]))
@@ -627,7 +638,8 @@ def summary_md(ctx: Ctx, results: list[Result], seconds: float) -> str:
     lines = [f"# gpu-check: {head}: {n['pass']} pass, {n['fail']} fail, {n['skip']} skip, in {seconds:.0f} s "
              f"(budget {ctx.budget:.0f} s)", ""]
     if env.get("device"):
-        lines.append(f"Device: {describe_device(env)}; {env.get('nvidia_smi', '')}")
+        smi = env.get("nvidia_smi")
+        lines.append(f"Device: {describe_device(env)}" + (f"; nvidia-smi: {smi}" if smi else ""))
     lines.append(f"Python {env.get('python')}, torch {pk.get('torch')} (CUDA {env.get('torch_cuda')}), "
                  f"triton {pk.get('triton')}, numpy {pk.get('numpy')}, numba {pk.get('numba')}; "
                  f"folder {ctx.out}")
@@ -647,6 +659,18 @@ def summary_md(ctx: Ctx, results: list[Result], seconds: float) -> str:
         for r in steps:
             lines += step_table(r)
     return "\n".join(lines) + "\n"
+
+
+def recap(results: list[Result]) -> str:
+    """The verdict in a few lines: the counts, then every failed check or failed item."""
+    n = counts(results)
+    lines = [f"gpu-check {'FAIL' if n['fail'] else 'PASS'}: {n['pass']} pass, {n['fail']} fail, {n['skip']} skip"]
+    for r in results:
+        bad = [c for c in r.checks if not c.ok]
+        lines += [f"  FAIL {r.name}: {c.name}: {c.value} (target {c.target})" for c in bad]
+        if r.status == "fail" and not bad:
+            lines.append(f"  FAIL {r.name}: {r.reason}")
+    return "\n".join(lines)
 
 
 def write_summary(ctx: Ctx, results: list[Result], argv: list[str]) -> str:
@@ -680,7 +704,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                         help="the folder for everything (default $GPU_CHECK_OUT or out/gpu-check); emptied first "
                              "when an earlier gpu-check wrote it")
     pick = parser.add_mutually_exclusive_group()
-    pick.add_argument("--only", nargs="+", metavar="ITEM", help="run only these items (env always runs)")
+    pick.add_argument("--only", nargs="+", metavar="ITEM",
+                      help="run only these items, and env and build, which the others need on a bare machine")
     pick.add_argument("--skip", nargs="+", metavar="ITEM", help="run all but these items")
     parser.add_argument("--budget", type=float, default=TOTAL_BUDGET,
                         help=f"seconds for the whole check (default {TOTAL_BUDGET}); items left over are skipped")
@@ -734,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Ctx(out=out, python=args.python, deadline=time.monotonic() + args.budget, budget=args.budget,
               workers=args.workers, tools={t: find_tool(t) for t in TOOLS})
     chosen = [it for it in every if it.name == "env" or (
-        (args.only is None or it.name in args.only) and (args.skip is None or it.name not in args.skip))]
+        (args.only is None or it.name in (*args.only, *ALWAYS)) and (args.skip is None or it.name not in args.skip))]
     print(f"gpu-check: {len(chosen)} items into {out} (budget {args.budget:.0f} s)", flush=True)
 
     def report(r: Result) -> None:
@@ -747,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.archive:
         write_archive(out, args.archive)
     print("\n" + text)
+    print(recap(results))  # last, so that the end of a long output still holds the verdict
     if args.archive:
         print(f"archive: {args.archive}")
     return 1 if counts(results)["fail"] else 0

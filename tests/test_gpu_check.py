@@ -4,6 +4,7 @@ Stand-in tools (small shell scripts) take the place of ncu and compute-sanitizer
 
 import importlib.util
 import json
+import os
 import stat
 import sys
 import tarfile
@@ -155,12 +156,15 @@ def test_missing_tools_skip_their_items_and_the_rest_runs(monkeypatch, tmp_path)
     assert all("\n" not in r["reason"] for r in items.values())
 
 
-def test_only_runs_the_named_items_and_env(monkeypatch, tmp_path):
+def test_only_runs_the_named_items_with_env_and_build(monkeypatch, tmp_path):
     stub_items(monkeypatch, GPU)
     assert gc.main(["--out", str(tmp_path), "--only", "copy-probe", "tests-amp"]) == 0
     items = summary(tmp_path)
-    assert {n for n, r in items.items() if r["status"] == "pass"} == {"env", "copy-probe", "tests-amp"}
-    assert items["build"]["reason"] == "not selected (--only/--skip)"
+    assert {n for n, r in items.items() if r["status"] == "pass"} == {"env", "build", "copy-probe", "tests-amp"}
+    assert items["backends"]["reason"] == "not selected (--only/--skip)"
+    # on a machine that already holds the build, it can be left out
+    assert gc.main(["--out", str(tmp_path), "--skip", "build"]) == 0
+    assert summary(tmp_path)["build"]["reason"] == "not selected (--only/--skip)"
 
 
 def test_an_item_is_not_started_once_the_budget_is_spent(tmp_path):
@@ -185,6 +189,52 @@ def test_a_command_past_its_time_limit_is_killed(tmp_path):
     assert proc.rc is None
     assert time.monotonic() - t0 < 5
     assert "killed at its time limit" in proc.text()
+
+
+# ------------------------------------------------------------------------------ the build
+
+FAKE_PYTHON = """#!/bin/sh
+# a stand-in interpreter: "-m pip ..." exits with $PIP_RC; "setup.py build_ext" builds; both report the env
+echo "FUSED_LR_CUDA=$FUSED_LR_CUDA FUSED_LR_CUDA_ARCHS=$FUSED_LR_CUDA_ARCHS CMAKE_GENERATOR=$CMAKE_GENERATOR"
+if [ "$1" = "-m" ]; then
+  [ "$PIP_RC" = 0 ] || { echo "ERROR: pip failed"; exit "$PIP_RC"; }
+fi
+mkdir -p fused_lr && touch fused_lr/_cuda.cpython-312-x86_64-linux-gnu.so
+echo "fused_lr: built _cuda.cpython-312-x86_64-linux-gnu.so in 12 s"
+"""
+
+
+@pytest.mark.parametrize("pip_rc", [0, 1], ids=["pip", "fallback"])
+def test_build_item_builds_offline_for_the_device(monkeypatch, tmp_path, pip_rc):
+    monkeypatch.setattr(gc, "ROOT", tmp_path)
+    monkeypatch.setenv("PIP_RC", str(pip_rc))
+    monkeypatch.delenv("CMAKE_GENERATOR", raising=False)
+    ctx = ctx_for(tmp_path, env=dict(GPU, ext_suffix=".cpython-312-x86_64-linux-gnu.so"),
+                  tools={"make": None, "ninja": "/usr/bin/ninja"})
+    ctx.python = str(executable(tmp_path / "python3", FAKE_PYTHON))
+    r = gc.item_build(ctx, item("build"), 30)
+    log = (tmp_path / "build.log").read_text()
+    assert "-m pip install -v --no-build-isolation --no-deps --no-index -e ." in log
+    assert "FUSED_LR_CUDA=1 FUSED_LR_CUDA_ARCHS=90 CMAKE_GENERATOR=Ninja" in log  # no make here: ninja
+    assert r.data["module"] == "_cuda.cpython-312-x86_64-linux-gnu.so" and r.data["cmake_seconds"] == 12
+    if pip_rc == 0:
+        assert r.status == "pass" and r.data["route"] == "pip editable install"
+    else:  # the module is still built for the later items, but the documented route failing is a failure
+        assert r.status == "fail" and r.data["route"] == "setup.py build_ext --inplace (after pip failed)"
+        assert "setup.py build_ext --inplace" in log
+
+
+def test_build_item_does_not_count_an_old_module(monkeypatch, tmp_path):
+    monkeypatch.setattr(gc, "ROOT", tmp_path)
+    old = tmp_path / "fused_lr" / "_cuda.cpython-312-x86_64-linux-gnu.so"
+    old.parent.mkdir()
+    old.touch()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    ctx = ctx_for(tmp_path, env=dict(GPU, ext_suffix=".cpython-312-x86_64-linux-gnu.so"))
+    ctx.python = str(executable(tmp_path / "python3", "#!/bin/sh\necho 'error: nvcc failed'\nexit 1\n"))
+    r = gc.item_build(ctx, item("build"), 30)
+    assert r.status == "fail"
+    assert [c.value for c in r.checks] == ["exit 1", "missing"]
 
 
 # ------------------------------------------------------------------------------ the tools' outputs
@@ -332,6 +382,9 @@ def test_step_checks_say_what_was_not_measured():
         "no CUDA API calls recorded in the step ranges, so none could be counted", False)
     assert cuda["CUDA-graph GPU time per step, speed-up over torch fused (graphed)"] == (
         "not measured (RuntimeError: capture failed)", False)
+    data["contenders"]["fused_lr cuda"]["profile_error"] = "JSONDecodeError: Expecting value"
+    cuda = by_name(gc.step_checks(data, speed_targets=True), "cuda")
+    assert cuda["host syncs per step (profiler API trace)"] == ("not measured: JSONDecodeError: Expecting value", False)
 
 
 def test_summary_lists_items_checks_and_the_step_table(tmp_path):
@@ -345,6 +398,10 @@ def test_summary_lists_items_checks_and_the_step_table(tmp_path):
     assert "| ncu | skip | 0 | ncu not found (searched PATH) |" in text
     assert "| step-fp32 | triton: GPU operations per step (1 dtype bucket) | 5 | <= 4 | FAIL |" in text
     assert "| fused_lr cuda | - | 0.500 | 0.300 |" in text
+    last = gc.recap(results).splitlines()
+    assert last[0] == "gpu-check FAIL: 1 pass, 1 fail, 1 skip"
+    assert "  FAIL step-fp32: triton: GPU operations per step (1 dtype bucket): 5 (target <= 4)" in last
+    assert len(last) == 1 + sum(not c.ok for c in results[1].checks)
     report = json.loads((tmp_path / "summary.json").read_text())
     assert report["status"] == "fail" and report["counts"] == {"pass": 1, "fail": 1, "skip": 1}
     assert report["items"][1]["checks"][0]["name"] == "cuda: eager wall time per step, speed-up over torch fused"
