@@ -342,6 +342,15 @@ def blocking(c: Contender, cycles: int | None) -> dict | None:
     return dict(host_ms=took, sleep_ms=SLEEP_MS, blocked=took > SLEEP_MS / 2)
 
 
+def state_tensors(sd: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of an optimizer's state_dict by a readable key: per-parameter state (step
+    counts, buffers) and per-group values (the schedule's clock)."""
+    out = {f"state {i} {k}": v for i, st in sd["state"].items() for k, v in st.items() if isinstance(v, torch.Tensor)}
+    out.update({f"group {gi} {k}": v for gi, g in enumerate(sd["param_groups"]) for k, v in g.items()
+                if isinstance(v, torch.Tensor)})
+    return out
+
+
 def graph_matches_eager(backend: str, dtype: torch.dtype, steps: int) -> dict:
     """``steps`` replays of a captured step against as many eager steps, with fresh gradients
     each step written into the same tensors: parameters and optimizer state must be equal bit for
@@ -391,9 +400,9 @@ def graph_matches_eager(backend: str, dtype: torch.dtype, steps: int) -> dict:
 
     mismatched = [i for i, (a, b) in enumerate(zip(eager.parameters(), graphed.parameters(), strict=True))
                   if not torch.equal(a, b)]
-    se, sg = opt_e.state_dict()["state"], opt_g.state_dict()["state"]
-    state_mismatched = [f"{i}.{key}" for i in se for key in se[i]
-                        if not torch.equal(torch.as_tensor(se[i][key]), torch.as_tensor(sg[i][key]))]
+    se, sg = state_tensors(opt_e.state_dict()), state_tensors(opt_g.state_dict())
+    state_mismatched = sorted(k for k in se.keys() | sg.keys() if k not in se or k not in sg
+                              or not torch.equal(se[k], sg[k]))
     return dict(steps=steps, equal=not mismatched and not state_mismatched and torch.equal(
                     opt_e.last_grad_norm, opt_g.last_grad_norm),
                 mismatched_params=mismatched[:10], mismatched_state=state_mismatched[:10],
