@@ -8,7 +8,7 @@ $(BIN)/fused-lr: pyproject.toml setup.py constraints-cpu.txt CMakeLists.txt $(wi
 	$(BIN)/pip install -q -c constraints-cpu.txt -e ".[demo,test]"
 	touch $@
 
-.PHONY: demo test bench
+.PHONY: demo test bench gpu-check
 demo: $(BIN)/fused-lr
 	$(BIN)/fused-lr demo
 
@@ -18,3 +18,10 @@ test: $(BIN)/fused-lr
 
 bench: $(BIN)/fused-lr
 	$(BIN)/pytest benchmarks/ --benchmark-only
+
+# GPU machines only, with no .venv: their own python3 (a CUDA torch) builds the extension offline
+# and runs every GPU check, writing everything to GPU_CHECK_OUT (scripts/gpu_check.py --help).
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= out/gpu-check
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT)
