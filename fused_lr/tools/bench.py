@@ -9,6 +9,14 @@ momentum 0.9, and a cosine schedule. torch does it as ``clip_grad_norm_`` + ``SG
 gives the machine's bound for the step. Contenders are timed interleaved, one step each per
 round, so a change in machine load hits all of them alike.
 
+A shared 2-core machine distorts such timings badly (torch's and Numba's OpenMP workers spin at
+barriers when another process holds a core), so every run also measures its own disturbance:
+the load average before and after, the spread between each contender's median and fastest step,
+and the bandwidth probe repeated at the end. A run past the limits says so plainly
+(:func:`disturbance`). Both libraries run with the same thread count (``--threads``).
+
+``--host`` times the host side alone instead (fused_lr/tools/host_bench.py).
+
 Used by ``fused-lr bench`` (:func:`main`) and by the pytest-benchmark suite in benchmarks/.
 """
 
@@ -115,6 +123,54 @@ class ModelResult:
     rows: list[dict] = field(default_factory=list)
 
 
+# A run is flagged when another process held the machine: the 1-minute load average beyond what
+# the benchmark's own threads make, a contender's median more than 25 % above its fastest step,
+# or the streaming probe's bandwidth moving by more than 15 % between the start and the end.
+SPREAD_LIMIT, PROBE_DRIFT_LIMIT = 1.25, 0.15
+
+
+def probe_gbps(numel: int = 1 << 24, repeat: int = 5) -> float:
+    """The update pass's bandwidth on ``numel`` fp32 elements (5 fp32 passes), best of ``repeat``."""
+    fns = stream_steps(numel)
+    update = fns["stream read p,g,b write p,b"]
+    update()
+    best = min(_timed(update) for _ in range(repeat))
+    return 5 * 4 * numel / best / 1e9
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def disturbance(load_before: float, load_after: float, threads: int, spreads: dict[str, float],
+                probe_before: float, probe_after: float) -> list[str]:
+    """Why a run cannot be trusted (empty when it can)."""
+    reasons = []
+    own = threads + 0.5
+    if max(load_before, load_after) > own:
+        reasons.append(f"load average {load_before:.1f} -> {load_after:.1f} with {threads} benchmark threads: "
+                       f"other processes held cores")
+    wide = {name: s for name, s in spreads.items() if s > SPREAD_LIMIT}
+    if wide:
+        worst = max(wide, key=wide.get)
+        reasons.append(f"{len(wide)} contender(s) with median/fastest above {SPREAD_LIMIT} "
+                       f"(worst {worst}: {wide[worst]:.2f})")
+    drift = abs(probe_after - probe_before) / max(probe_before, 1e-9)
+    if drift > PROBE_DRIFT_LIMIT:
+        reasons.append(f"bandwidth probe moved {100 * drift:.0f}% ({probe_before:.0f} -> {probe_after:.0f} GB/s)")
+    return reasons
+
+
+def set_threads(threads: int) -> None:
+    """The same worker count for torch and Numba, so neither contender gets more cores."""
+    import numba
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
 def run_model(model: str, repeat: int, fused_backends: list[str]) -> ModelResult:
     groups = parameter_groups(model)
     params = [p for g in groups for p in g["params"]]
@@ -206,22 +262,62 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", nargs="+", default=None,
                         help="fused_lr backends to time (default: every available CPU backend)")
     parser.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for bench.json and bench.png")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="worker threads for torch and Numba alike (default: every core)")
+    parser.add_argument("--host", action="store_true",
+                        help="time the host side only: ResNet-50's 161 tensors at 1-8 elements, GPU launches stubbed")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    set_threads(args.threads)
+    if args.host:
+        return host_main(args)
     available = cpu_backends()
     chosen = available if args.backends is None else args.backends
     if missing := [b for b in chosen if b not in available]:
         parser.error(f"backend(s) {missing} cannot run on CPU here; available: {available}")
+    load_before, probe_before = os.getloadavg()[0], probe_gbps()
     results = [run_model(m, args.repeat, chosen) for m in args.models]
+    load_after, probe_after = os.getloadavg()[0], probe_gbps()
     print(format_table(results))
+    spreads = {f"{r.model} {row['name']}": row["median_ms"] / row["min_ms"] for r in results for row in r.rows}
+    reasons = disturbance(load_before, load_after, args.threads, spreads, probe_before, probe_after)
+    print(verdict(reasons))
     args.out.mkdir(parents=True, exist_ok=True)
     report = dict(machine=machine(), repeat=args.repeat, results=[asdict(r) for r in results],
+                  disturbance=dict(load=[load_before, load_after], probe_gbps=[probe_before, probe_after],
+                                   spreads=spreads, reasons=reasons),
                   step=dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
                             schedule=f"cosine over {TOTAL_STEPS} steps"))
     (args.out / "bench.json").write_text(json.dumps(report, indent=2))
     plot(results, args.out / "bench.png")
     print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    return 0
+
+
+def verdict(reasons: list[str]) -> str:
+    if not reasons:
+        return "undisturbed: load, spread and the bandwidth probe stayed within limits"
+    return "DISTURBED, do not trust these figures (rerun on a quiet machine): " + "; ".join(reasons)
+
+
+def host_main(args) -> int:
+    from fused_lr.tools import host_bench
+
+    load_before = os.getloadavg()[0]
+    rows = host_bench.run(repeat=max(args.repeat, 100))
+    load_after = os.getloadavg()[0]
+    print(f"{'host cost per step (161 tensors, 1-8 elements)':<62} {'median us':>10} {'min us':>8} {'x torch':>8}")
+    for r in rows:
+        print(f"{r['contender']:<62} {r['median_us']:>10.0f} {r['min_us']:>8.0f} {r['vs_torch']:>8.2f}")
+    reasons = disturbance(load_before, load_after, args.threads,
+                          {r["contender"]: r["median_us"] / r["min_us"] for r in rows}, 1.0, 1.0)
+    print(verdict(reasons))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "host.json").write_text(json.dumps(dict(machine=machine(), rows=rows, reasons=reasons), indent=2))
+    print(f"wrote {args.out / 'host.json'}")
     return 0
 
 
