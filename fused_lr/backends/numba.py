@@ -85,13 +85,15 @@ class NumbaBackend:
                norm: torch.Tensor | None) -> None:
         if scalars.found_inf is not None and float(scalars.found_inf) != 0:
             return
-        coef = 1.0
-        if norm is not None:
+        coef = rate = 1.0
+        if norm is not None and settings.max_grad_norm is not None:
             # in the norm's dtype, as clip_grad_norm_ computes it
             nt = np.float64 if norm.dtype == torch.float64 else np.float32
             coef = float(min(nt(1.0), nt(settings.max_grad_norm) / (nt(float(norm)) + nt(L.NORM_EPS))))
+        if settings.lr_norm_power != 0:
+            rate = (float(norm) + settings.lr_norm_eps) ** -settings.lr_norm_power
         clip = math.inf if settings.clip_value is None else settings.clip_value
-        s = np.array([self._inv_scale(scalars), clip, coef])
+        s = np.array([self._inv_scale(scalars), clip, coef, rate])
         hyper = settings.hyper
         if settings.lr_tensors:
             hyper = hyper.copy()
@@ -100,7 +102,7 @@ class NumbaBackend:
         ks = clocks.numpy()
         for rows, w in self._work_for(plan):
             table = plan.table[rows]
-            K.prepare(table, hyper, settings.schedules, ks, s, w.consts)
+            K.prepare(table, hyper, settings.schedules, ks, s, w.consts, plan.rule)
             K.update(table, w.chunk_t, w.chunk_lo, w.chunk_hi, hyper, w.consts, plan.rule)
         ks += 1  # after every dtype's call read them
 

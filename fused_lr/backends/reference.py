@@ -53,7 +53,8 @@ class ReferenceBackend:
                norm: torch.Tensor | None) -> None:
         if scalars.found_inf is not None and scalars.found_inf.item():
             return
-        coef = None if norm is None else clip_coef(norm, settings.max_grad_norm)
+        coef = None if norm is None or settings.max_grad_norm is None else clip_coef(norm, settings.max_grad_norm)
+        rate = 1.0 if settings.lr_norm_power == 0 else (float(norm) + settings.lr_norm_eps) ** -settings.lr_norm_power
         ks = clocks.tolist()
         for p, g, states, step, gi in zip(plan.params, plan.grads, plan.states, plan.steps, plan.group_of.tolist(),
                                           strict=True):
@@ -61,7 +62,7 @@ class ReferenceBackend:
             g = processed_grad(g, scalars, settings, group)
             if coef is not None:
                 g = g * coef.to(g.dtype)
-            lr = float(group["lr"]) * (group["schedule"] or _CONSTANT)(int(ks[gi]))
+            lr = float(group["lr"]) * (group["schedule"] or _CONSTANT)(int(ks[gi])) * rate
             wd = group["weight_decay"]
             if wd != 0:
                 if group["decoupled_weight_decay"]:

@@ -37,7 +37,7 @@ HYPER = _columns("LR", "WEIGHT_DECAY", "FLAGS", "R0", "R1", "R2", "R3", "R4")
 COEF = _columns("LR", "DECAY", "INIT", "C0", "C1", "C2", "C3", "C4")
 WIDE = _columns("CLIP_COEF", "INV_SCALE", "GO")  # columns of the scratch's last row
 FLAGS = {"MAXIMIZE": 1, "DECOUPLED": 2, "NESTEROV": 4, "AMSGRAD": 8, "CENTERED": 16}
-RULES = _columns("SGD")
+RULES = _columns("SGD", "ADAM", "RMSPROP", "ADAGRAD")
 SCHEDULE_KINDS = _columns("CONST", "STEP", "EXP", "LINEAR", "POLY", "COSINE", "COSINE_RESTARTS", "CYCLIC",
                           "ONECYCLE", "INVTIME", "INVSQRT", "POWERLAW")
 SIZES = {

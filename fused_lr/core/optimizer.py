@@ -45,6 +45,12 @@ COMMON = (
 )
 
 
+def _rate_problems(power, eps) -> tuple[str | None, str | None]:
+    check_power, check_eps = real(0.0), real(0.0, low_open=True)
+    return (None if check_power[0](power) else f"lr_norm_power must be {check_power[1]}, got {power!r}",
+            None if check_eps[0](eps) else f"lr_norm_eps must be {check_eps[1]}, got {eps!r}")
+
+
 def _same(a: tuple, b: tuple | None) -> bool:
     """Tuple equality that compares tensors by identity (== on a CUDA tensor would sync)."""
     return b is not None and len(a) == len(b) and all(
@@ -66,6 +72,7 @@ class FusedOptimizer(Optimizer):
 
     rule: ClassVar[int]  # fused_lr.core.layout RULES code
     hypers: ClassVar[tuple[Hyper, ...]]  # the rule's own hyper-parameters (lr and COMMON come from here)
+    new_state_restarts_step: ClassVar[bool] = False  # SGD: a new momentum buffer starts from the gradient
 
     def check_group(self, group: dict) -> str | None:
         """Cross-checks between a group's hyper-parameters (each passed its own check)."""
@@ -92,10 +99,11 @@ class FusedOptimizer(Optimizer):
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
 
     def __init__(self, params, defaults: dict[str, Any], *, max_grad_norm: float | None = None,
-                 clip_value: float | None = None, error_if_nonfinite: bool = False, backend: str = "auto",
-                 process_group=None):
+                 clip_value: float | None = None, error_if_nonfinite: bool = False, lr_norm_power: float = 0.0,
+                 lr_norm_eps: float = 1e-6, backend: str = "auto", process_group=None):
         name = type(self).__name__
-        for problem in (clip_problem("max_grad_norm", max_grad_norm), clip_problem("clip_value", clip_value)):
+        for problem in (clip_problem("max_grad_norm", max_grad_norm), clip_problem("clip_value", clip_value),
+                        *_rate_problems(lr_norm_power, lr_norm_eps)):
             if problem:
                 raise ValueError(f"{name}: {problem}")
         if not isinstance(error_if_nonfinite, bool):
@@ -108,6 +116,10 @@ class FusedOptimizer(Optimizer):
         self.max_grad_norm = max_grad_norm
         self.clip_value = clip_value
         self.error_if_nonfinite = error_if_nonfinite
+        # the gradient-norm rate: every lr is multiplied by (N + lr_norm_eps) ** -lr_norm_power, with N
+        # the global gradient norm of the step (docs/step.md, "The gradient-norm rate")
+        self.lr_norm_power = lr_norm_power
+        self.lr_norm_eps = lr_norm_eps
         self.backend_name = backend
         self.process_group = process_group
         self.last_grad_norm: torch.Tensor | None = None
@@ -175,7 +187,8 @@ class FusedOptimizer(Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state["fused_config"] = dict(max_grad_norm=self.max_grad_norm, clip_value=self.clip_value,
-                                     error_if_nonfinite=self.error_if_nonfinite, backend_name=self.backend_name,
+                                     error_if_nonfinite=self.error_if_nonfinite, lr_norm_power=self.lr_norm_power,
+                                     lr_norm_eps=self.lr_norm_eps, backend_name=self.backend_name,
                                      process_group=self.process_group, clocks=self._clocks)
         return state
 
@@ -201,13 +214,13 @@ class FusedOptimizer(Optimizer):
             g["schedule_step"] = clocks[gi]
         # A GradScaler-skipped first step leaves state that holds nothing yet (created before the
         # kernel saw found_inf; step 0 marks it). torch's optimizers would take such buffers for real
-        # ones, so only the step count stays, as torch keeps nothing before a first step.
-        entries = [(i, st) for i, st in sd["state"].items() if isinstance(st, dict) and "step" in st and len(st) > 1]
+        # ones, so such entries stay out, as torch keeps nothing before a first step.
+        entries = [(i, st) for i, st in sd["state"].items() if isinstance(st, dict) and "step" in st]
         if entries:
             taken = torch.stack([torch.as_tensor(st["step"]).float().cpu() for _, st in entries]).tolist()
-            for (i, st), k in zip(entries, taken, strict=True):
+            for (i, _), k in zip(entries, taken, strict=True):
                 if k == 0:
-                    sd["state"][i] = {"step": st["step"]}
+                    del sd["state"][i]
         return sd
 
     def load_state_dict(self, state_dict):
@@ -277,7 +290,8 @@ class FusedOptimizer(Optimizer):
             settings = self._settings = Settings(
                 groups=groups, hyper=np.zeros((g, L.HYPER_COLS)),
                 schedules=np.zeros((g, L.MAX_SEGMENTS, L.SEGMENT_COLS)), lr_tensors={},
-                max_grad_norm=None, clip_value=None, reference_rule=self.reference_rule)
+                max_grad_norm=None, clip_value=None, lr_norm_power=0.0, lr_norm_eps=0.0,
+                reference_rule=self.reference_rule)
             self._group_keys = [None] * g
             self._state_names_of = [()] * g
         names = self._hyper_names
@@ -293,12 +307,14 @@ class FusedOptimizer(Optimizer):
                 self._plans.clear()  # the rule keeps other state now (momentum switched on, ...)
             self._group_keys[gi], self._state_names_of[gi] = key, state_names
             settings.version += 1
-        if (self.max_grad_norm, self.clip_value) != (settings.max_grad_norm, settings.clip_value):
+        wide = (self.max_grad_norm, self.clip_value, self.lr_norm_power, self.lr_norm_eps)
+        if wide != (settings.max_grad_norm, settings.clip_value, settings.lr_norm_power, settings.lr_norm_eps):
             for problem in (clip_problem("max_grad_norm", self.max_grad_norm),
-                            clip_problem("clip_value", self.clip_value)):
+                            clip_problem("clip_value", self.clip_value),
+                            *_rate_problems(self.lr_norm_power, self.lr_norm_eps)):
                 if problem:
                     raise ValueError(f"{type(self).__name__}: {problem}")
-            settings.max_grad_norm, settings.clip_value = self.max_grad_norm, self.clip_value
+            settings.max_grad_norm, settings.clip_value, settings.lr_norm_power, settings.lr_norm_eps = wide
             settings.version += 1
         return settings
 
@@ -410,7 +426,8 @@ class FusedOptimizer(Optimizer):
                 t = st.get(name)
                 if t is None:
                     t = st[name] = self.init_state(name, view, group)
-                    step.zero_()  # the rule's state starts now (an SGD buffer's first use)
+                    if self.new_state_restarts_step:
+                        step.zero_()
                 elif type(t) not in _PLAIN or t.dtype != view.dtype or t.device != view.device \
                         or t.stride() != view.stride():
                     # a checkpoint loaded into another dtype or layout: state of the parameter's kind
@@ -458,7 +475,7 @@ class FusedOptimizer(Optimizer):
         settings = self._refresh_settings()
         plan, params = self._current_plan()
         scalars = StepScalars(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
-        needs_norm = self.max_grad_norm is not None or self.error_if_nonfinite
+        needs_norm = self.max_grad_norm is not None or self.error_if_nonfinite or self.lr_norm_power != 0
         if plan is None:
             self._step_without_gradients(params, scalars, needs_norm)
             return loss
@@ -476,7 +493,7 @@ class FusedOptimizer(Optimizer):
         if not plan.bound:
             self._bind(plan, params)
         clocks = self._clock_tensor(plan.device)
-        runner.update(plan, settings, clocks, scalars, norm if self.max_grad_norm is not None else None)
+        runner.update(plan, settings, clocks, scalars, norm)
         self._ran = runner.name
         self.last_grad_norm = norm
         return loss

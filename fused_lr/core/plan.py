@@ -206,6 +206,8 @@ class Settings:
     lr_tensors: dict[int, torch.Tensor]  # groups whose lr is a tensor: it multiplies their LR column
     max_grad_norm: float | None
     clip_value: float | None
+    lr_norm_power: float  # the gradient-norm rate: lr x (N + lr_norm_eps) ** -lr_norm_power
+    lr_norm_eps: float
     reference_rule: object  # the optimizer's per-tensor rule in torch (docs/step.md step 6)
     version: int = 0
 
@@ -221,5 +223,6 @@ class Backend(Protocol):
     def update(self, plan: Plan, settings: Settings, clocks: torch.Tensor, scalars: StepScalars,
                norm: torch.Tensor | None) -> None:
         """docs/step.md steps 0-7 on every row, then every row's step count and every group's clock
-        advance by one, unless ``scalars.found_inf`` is set: then nothing changes. ``norm`` is None
-        when global-norm clipping is off."""
+        advance by one, unless ``scalars.found_inf`` is set: then nothing changes. ``norm`` is the
+        step's global norm when it was computed (for clipping, the gradient-norm rate or the
+        non-finite check), else None; it clips only when ``settings.max_grad_norm`` is set."""

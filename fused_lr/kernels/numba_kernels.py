@@ -19,14 +19,17 @@ from fused_lr.core import layout as L
 
 # Module globals are compile-time constants to Numba, and cached machine code does not notice
 # when layout.py changes: _LAYOUT_ID guards that (see the end of this module).
-T_PARAM, T_GRAD, T_STATE0, T_STEP, T_NUMEL, T_GROUP = L.T_PARAM, L.T_GRAD, L.T_STATE0, L.T_STEP, L.T_NUMEL, L.T_GROUP
-H_LR, H_WD, H_FLAGS, H_R0, H_R1 = L.H_LR, L.H_WEIGHT_DECAY, L.H_FLAGS, L.H_R0, L.H_R1
+T_PARAM, T_GRAD, T_STATE0, T_STATE1, T_STATE2 = L.T_PARAM, L.T_GRAD, L.T_STATE0, L.T_STATE1, L.T_STATE2
+T_STEP, T_NUMEL, T_GROUP = L.T_STEP, L.T_NUMEL, L.T_GROUP
+H_LR, H_WD, H_FLAGS, H_R0, H_R1, H_R2 = L.H_LR, L.H_WEIGHT_DECAY, L.H_FLAGS, L.H_R0, L.H_R1, L.H_R2
 F_MAXIMIZE, F_DECOUPLED, F_NESTEROV = L.F_MAXIMIZE, L.F_DECOUPLED, L.F_NESTEROV
-RULE_SGD = L.RULE_SGD
+F_AMSGRAD, F_CENTERED = L.F_AMSGRAD, L.F_CENTERED
+RULE_SGD, RULE_ADAM, RULE_RMSPROP, RULE_ADAGRAD = L.RULE_SGD, L.RULE_ADAM, L.RULE_RMSPROP, L.RULE_ADAGRAD
 # columns of the per-tensor constants, stored in the tensor's own dtype so the arithmetic is the
-# one torch does with a Python scalar (the scalar rounded to the tensor dtype first)
-C_NEGLR, C_WD, C_KEEP, C_MU, C_GAIN, C_INV, C_CLIP, C_COEF, C_INIT = range(9)
-CONST_COLS = 9
+# one torch does with a Python scalar (the scalar rounded to the tensor dtype first); R0..R4 are
+# the rule's (see prepare)
+C_NEGLR, C_WD, C_KEEP, C_INV, C_CLIP, C_COEF, C_INIT, C_R0, C_R1, C_R2, C_R3, C_R4 = range(12)
+CONST_COLS = 12
 _LAYOUT_ID = zlib.crc32(repr((L.TENSOR, L.HYPER, L.FLAGS, L.RULES, L.SCHEDULE_KINDS, L.SIZES)).encode())
 
 
@@ -68,50 +71,133 @@ def sumsq(table, chunk_t, chunk_lo, chunk_hi, scalars):
 
 
 @njit(cache=True)
-def prepare(table, hyper, schedules_, clocks, scalars, consts):
-    """Per tensor: lr = kernel lr x schedule(group clock), the first-use flag from the tensor's
-    step count, and every scalar rounded to the tensor dtype. ``scalars`` (float64) =
-    [1/grad_scale, clip value or inf, clip coefficient (1 when off)]."""
+def prepare(table, hyper, schedules_, clocks, scalars, consts, rule):
+    """Per tensor: lr = kernel lr x schedule(group clock) x the gradient-norm rate, the rule's
+    coefficients from the tensor's step count (bias corrections, Adagrad's decay), and every scalar
+    rounded to the tensor dtype. ``scalars`` (float64) = [1/grad_scale, clip value or inf, clip
+    coefficient (1 when off), gradient-norm rate (1 when off)]."""
     k_like = np.zeros(1, np.float32)
     for t in range(table.shape[0]):
         gi = table[t, T_GROUP]
         h = hyper[gi]
-        lr = h[H_LR] * eval_table(schedules_[gi], np.float64(clocks[gi]))
-        step = carray(_pointer(table[t, T_STEP], k_like), 1)[0]
-        consts[t, C_NEGLR] = -lr
-        consts[t, C_WD] = h[H_WD]
-        consts[t, C_KEEP] = 1.0 - lr * h[H_WD]
-        consts[t, C_MU] = h[H_R0]
-        consts[t, C_GAIN] = h[H_R1]
-        consts[t, C_INV] = scalars[0]
-        consts[t, C_CLIP] = scalars[1]
-        consts[t, C_COEF] = scalars[2]
-        consts[t, C_INIT] = 1.0 if step == 0 else 0.0
+        lr = h[H_LR] * eval_table(schedules_[gi], np.float64(clocks[gi])) * scalars[3]
+        step = np.float64(carray(_pointer(table[t, T_STEP], k_like), 1)[0])
+        c = consts[t]
+        c[C_WD] = h[H_WD]
+        c[C_KEEP] = 1.0 - lr * h[H_WD]
+        c[C_INV] = scalars[0]
+        c[C_CLIP] = scalars[1]
+        c[C_COEF] = scalars[2]
+        c[C_INIT] = 1.0 if step == 0 else 0.0
+        c[C_NEGLR] = -lr
+        if rule == RULE_SGD:
+            c[C_R0] = h[H_R0]  # momentum
+            c[C_R1] = h[H_R1]  # 1 - dampening
+        elif rule == RULE_ADAM:
+            b1, b2, t_ = h[H_R0], h[H_R1], step + 1.0
+            c[C_NEGLR] = -(lr / (1.0 - b1 ** t_))
+            c[C_R0] = 1.0 - b1
+            c[C_R1] = b2
+            c[C_R2] = 1.0 - b2
+            c[C_R3] = (1.0 - b2 ** t_) ** 0.5
+            c[C_R4] = h[H_R2]  # eps
+        elif rule == RULE_RMSPROP:
+            c[C_R0] = h[H_R0]  # alpha
+            c[C_R1] = 1.0 - h[H_R0]
+            c[C_R2] = h[H_R1]  # eps
+            c[C_R3] = h[H_R2]  # momentum
+        elif rule == RULE_ADAGRAD:
+            c[C_NEGLR] = -(lr / (1.0 + step * h[H_R0]))  # step = t - 1 earlier updates
+            c[C_R0] = h[H_R1]  # eps
+
+
+@njit(inline="always")
+def _common(g, w, cs, maximize, decay, decoupled):
+    """docs/step.md steps 0-5 on one element: the processed, clipped and (coupled) decayed
+    gradient, and the (decoupled) decayed parameter."""
+    x = g * cs[C_INV]
+    if maximize:
+        x = -x
+    x = min(max(x, -cs[C_CLIP]), cs[C_CLIP]) * cs[C_COEF]
+    if decay:
+        if decoupled:
+            w = w * cs[C_KEEP]
+        else:
+            x = x + cs[C_WD] * w
+    return x, w
 
 
 @njit(inline="always")
 def _sgd_chunk(p, g, b, cs, flags, decay, momentum):
-    """docs/step.md steps 0-7 with the SGD rule on one chunk (b is unused without momentum)."""
-    neg_lr, wd, keep, mu, gain = cs[C_NEGLR], cs[C_WD], cs[C_KEEP], cs[C_MU], cs[C_GAIN]
-    inv, clip, coef = cs[C_INV], cs[C_CLIP], cs[C_COEF]
+    """The SGD rule on one chunk (b is unused without momentum)."""
+    neg_lr, mu, gain = cs[C_NEGLR], cs[C_R0], cs[C_R1]
     maximize, nesterov, decoupled = (flags & F_MAXIMIZE) != 0, (flags & F_NESTEROV) != 0, (flags & F_DECOUPLED) != 0
     first = cs[C_INIT] != 0
     for i in range(p.shape[0]):
-        x = g[i] * inv
-        if maximize:
-            x = -x
-        x = min(max(x, -clip), clip) * coef
-        w = p[i]
-        if decay:
-            if decoupled:
-                w = w * keep
-            else:
-                x = x + wd * w
+        x, w = _common(g[i], p[i], cs, maximize, decay, decoupled)
         if momentum:
             m = x if first else b[i] * mu + gain * x
             b[i] = m
             x = x + mu * m if nesterov else m
         p[i] = w + neg_lr * x
+
+
+@njit(inline="always")
+def _lerp(a, b, w):
+    """torch.lerp's two formulas, chosen by the weight as torch chooses them."""
+    return a + w * (b - a) if w < 0.5 else b - (b - a) * (1 - w)
+
+
+@njit(inline="always")
+def _adam_chunk(p, g, m, v, vmax, cs, flags, decay):
+    """The Adam rule on one chunk; vmax is read and written only with amsgrad."""
+    neg_step, w1, b2, w2, bc2, eps = cs[C_NEGLR], cs[C_R0], cs[C_R1], cs[C_R2], cs[C_R3], cs[C_R4]
+    maximize, decoupled, amsgrad = (flags & F_MAXIMIZE) != 0, (flags & F_DECOUPLED) != 0, (flags & F_AMSGRAD) != 0
+    for i in range(p.shape[0]):
+        x, w = _common(g[i], p[i], cs, maximize, decay, decoupled)
+        mi = _lerp(m[i], x, w1)
+        vi = v[i] * b2 + w2 * x * x
+        m[i] = mi
+        v[i] = vi
+        if amsgrad:
+            vi = max(vmax[i], vi)
+            vmax[i] = vi
+        p[i] = w + neg_step * mi / (np.sqrt(vi) / bc2 + eps)
+
+
+@njit(inline="always")
+def _rmsprop_chunk(p, g, s, b, c, cs, flags, decay, momentum, centered):
+    """The RMSprop rule on one chunk; b (momentum) and c (centered) are used only when enabled."""
+    neg_lr, alpha, w1, eps, mu = cs[C_NEGLR], cs[C_R0], cs[C_R1], cs[C_R2], cs[C_R3]
+    maximize = (flags & F_MAXIMIZE) != 0
+    for i in range(p.shape[0]):
+        x, w = _common(g[i], p[i], cs, maximize, decay, False)
+        si = s[i] * alpha + w1 * x * x
+        s[i] = si
+        if centered:
+            ci = _lerp(c[i], x, w1)
+            c[i] = ci
+            avg = np.sqrt(si + -ci * ci) + eps
+        else:
+            avg = np.sqrt(si) + eps
+        if momentum:
+            bi = b[i] * mu + x / avg
+            b[i] = bi
+            p[i] = w + neg_lr * bi
+        else:
+            p[i] = w + neg_lr * x / avg
+
+
+@njit(inline="always")
+def _adagrad_chunk(p, g, s, cs, flags, decay):
+    """The Adagrad rule on one chunk."""
+    neg_clr, eps = cs[C_NEGLR], cs[C_R0]
+    maximize = (flags & F_MAXIMIZE) != 0
+    for i in range(p.shape[0]):
+        x, w = _common(g[i], p[i], cs, maximize, decay, False)
+        si = s[i] + x * x
+        s[i] = si
+        p[i] = w + neg_clr * x / (np.sqrt(si) + eps)
 
 
 @njit(parallel=True, cache=True)
@@ -125,10 +211,27 @@ def update(table, chunk_t, chunk_lo, chunk_hi, hyper, consts, rule):
         n, lo, hi = table[t, T_NUMEL], chunk_lo[c], chunk_hi[c]
         p = carray(_pointer(table[t, T_PARAM], consts), n)[lo:hi]
         g = carray(_pointer(table[t, T_GRAD], consts), n)[lo:hi]
+        decay = h[H_WD] != 0
         if rule == RULE_SGD:
             momentum = h[H_R0] != 0
             b = carray(_pointer(table[t, T_STATE0 if momentum else T_PARAM], consts), n)[lo:hi]
-            _sgd_chunk(p, g, b, consts[t], flags, h[H_WD] != 0, momentum)
+            _sgd_chunk(p, g, b, consts[t], flags, decay, momentum)
+        elif rule == RULE_ADAM:
+            m = carray(_pointer(table[t, T_STATE0], consts), n)[lo:hi]
+            v = carray(_pointer(table[t, T_STATE1], consts), n)[lo:hi]
+            vmax = carray(_pointer(table[t, T_STATE2 if (flags & F_AMSGRAD) != 0 else T_STATE1], consts), n)[lo:hi]
+            _adam_chunk(p, g, m, v, vmax, consts[t], flags, decay)
+        elif rule == RULE_RMSPROP:
+            momentum, centered = h[H_R2] > 0, (flags & F_CENTERED) != 0
+            s = carray(_pointer(table[t, T_STATE0], consts), n)[lo:hi]
+            # state order: square_avg, then momentum_buffer if momentum, then grad_avg if centered
+            b = carray(_pointer(table[t, T_STATE1 if momentum else T_STATE0], consts), n)[lo:hi]
+            c = carray(_pointer(table[t, (T_STATE2 if momentum else T_STATE1) if centered else T_STATE0], consts),
+                       n)[lo:hi]
+            _rmsprop_chunk(p, g, s, b, c, consts[t], flags, decay, momentum, centered)
+        elif rule == RULE_ADAGRAD:
+            s = carray(_pointer(table[t, T_STATE0], consts), n)[lo:hi]
+            _adagrad_chunk(p, g, s, consts[t], flags, decay)
     k_like = np.zeros(1, np.float32)
     for t in range(table.shape[0]):
         carray(_pointer(table[t, T_STEP], k_like), 1)[0] += 1

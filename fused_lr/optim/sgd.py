@@ -23,6 +23,10 @@ class FusedSGD(FusedOptimizer):
     with one optimizer step; the semantics are docs/step.md's and equal torch's. Positional
     arguments follow ``torch.optim.SGD``; everything after ``nesterov`` is keyword-only.
 
+    ``lr_norm_power`` (γ) and ``lr_norm_eps`` (ε): the gradient-norm rate of the seed articles,
+    η = lr · s(k) / (‖g‖ + ε)^γ with ‖g‖ the step's global gradient norm (after unscaling and value
+    clipping, before the clip coefficient), evaluated on the device; 0 (the default) turns it off.
+
     ``process_group``: when each rank holds only a shard of the parameters (ZeRO/FSDP style),
     the ranks of this group all-reduce the squared gradient norm, so clipping (and
     ``error_if_nonfinite``) sees the norm of the whole model. Every rank must then call
@@ -30,6 +34,7 @@ class FusedSGD(FusedOptimizer):
     """
 
     rule = L.RULE_SGD
+    new_state_restarts_step = True  # a buffer made now (momentum switched on) starts from the gradient
     hypers = (
         Hyper("momentum", 0.0, real(0.0, 1.0, high_open=True)),
         Hyper("dampening", 0.0, real(0.0, 1.0)),
@@ -39,13 +44,14 @@ class FusedSGD(FusedOptimizer):
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, decoupled_weight_decay: bool = False,
                  maximize: bool = False, max_grad_norm: float | None = None, clip_value: float | None = None,
-                 error_if_nonfinite: bool = False, schedule: Schedule | None = None, backend: str = "auto",
-                 process_group=None):
+                 error_if_nonfinite: bool = False, schedule: Schedule | None = None, lr_norm_power: float = 0.0,
+                 lr_norm_eps: float = 1e-6, backend: str = "auto", process_group=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
                         schedule=schedule)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, clip_value=clip_value,
-                         error_if_nonfinite=error_if_nonfinite, backend=backend, process_group=process_group)
+                         error_if_nonfinite=error_if_nonfinite, lr_norm_power=lr_norm_power,
+                         lr_norm_eps=lr_norm_eps, backend=backend, process_group=process_group)
 
     def check_group(self, group: dict) -> str | None:
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):

@@ -1,0 +1,84 @@
+"""FusedAdam and FusedAdamW: ``torch.optim.Adam``/``AdamW`` + clipping + a fused lr schedule.
+
+The rule (docs/step.md, "Beyond SGD"), with t the parameter's step count after this update:
+``m <- m + (1 - b1)(g - m)``, ``v <- b2 v + (1 - b2) g^2``, with amsgrad ``vmax <- max(vmax, v)``
+used in place of v; ``p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``. Weight
+decay is L2 (added to g) for Adam and decoupled (``p <- p (1 - lr wd)``) for AdamW, as torch's.
+Kernels: the RULE_ADAM branches of fused_lr/kernels/ and csrc/.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_lr.core import layout as L
+from fused_lr.core.hyper import Hyper, finite_number, flag, real
+from fused_lr.core.optimizer import FusedOptimizer
+from fused_lr.schedules import Schedule
+
+
+def _betas(value) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        finite_number(b) and 0 <= b < 1 for b in value)
+
+
+class FusedAdam(FusedOptimizer):
+    """Adam with gradient clipping and an lr schedule, fused. Arguments follow ``torch.optim.Adam``;
+    everything after ``amsgrad`` is keyword-only. See :class:`~fused_lr.FusedSGD` for
+    ``max_grad_norm``, ``clip_value``, ``schedule``, ``lr_norm_power`` and ``process_group``."""
+
+    rule = L.RULE_ADAM
+    hypers = (
+        Hyper("betas", (0.9, 0.999), (_betas, "a pair of numbers in [0, 1)")),
+        Hyper("eps", 1e-8, real(0.0, low_open=True)),
+        Hyper("amsgrad", False, flag()),
+    )
+    _decoupled = False
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
+                 max_grad_norm: float | None = None, clip_value: float | None = None,
+                 error_if_nonfinite: bool = False, schedule: Schedule | None = None, lr_norm_power: float = 0.0,
+                 lr_norm_eps: float = 1e-6, backend: str = "auto", process_group=None):
+        betas = tuple(betas) if isinstance(betas, list) else betas
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        decoupled_weight_decay=self._decoupled, schedule=schedule)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, clip_value=clip_value,
+                         error_if_nonfinite=error_if_nonfinite, lr_norm_power=lr_norm_power,
+                         lr_norm_eps=lr_norm_eps, backend=backend, process_group=process_group)
+
+    def state_names(self, group: dict) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def rule_row(self, group: dict) -> tuple[int, tuple[float, ...]]:
+        b1, b2 = group["betas"]
+        return (L.F_AMSGRAD if group["amsgrad"] else 0), (b1, b2, group["eps"])
+
+    @staticmethod
+    def reference_rule(p, g, states, step, lr, group) -> None:
+        b1, b2 = group["betas"]
+        exp_avg, exp_avg_sq = states["exp_avg"], states["exp_avg_sq"]
+        exp_avg.lerp_(g, 1 - b1)
+        exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+        t = step + 1
+        step_size = lr / (1 - b1 ** t)
+        bias_correction2_sqrt = (1 - b2 ** t) ** 0.5
+        v = exp_avg_sq
+        if group["amsgrad"]:
+            torch.maximum(states["max_exp_avg_sq"], exp_avg_sq, out=states["max_exp_avg_sq"])
+            v = states["max_exp_avg_sq"]
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+class FusedAdamW(FusedAdam):
+    """AdamW (decoupled weight decay, default 1e-2), as ``torch.optim.AdamW``; see :class:`FusedAdam`."""
+
+    _decoupled = True
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+
+
+__all__ = ["FusedAdam", "FusedAdamW"]
