@@ -299,23 +299,24 @@ _COMPILE_ALL = textwrap.dedent("""
     for dtype, ptr in ((tl.float32, "*fp32"), (tl.float64, "*fp64"), (tl.bfloat16, "*fp32")):
         acc = "*fp64" if dtype == tl.float64 else "*fp32"
         for flag in (False, True):
-            compile(K.update_kernel, {**tables, "n_tensors": "i32", "state": "*fp64"},
-                    dict(DTYPE=dtype, HAS_CLIP=flag, HAS_CLIP_VALUE=flag, HAS_SCALE=flag, MAXIMIZE=flag,
-                         COUPLED_WD=flag, DECOUPLED_WD=flag, MOMENTUM=flag, NESTEROV=flag, ALIGNED=flag,
-                         ROWS=1, BLOCK=1024, CHUNK=4096))
+            for rule in range(4):
+                compile(K.update_kernel, {**tables, "n_tensors": "i32", "state": "*fp64"},
+                        dict(DTYPE=dtype, RULE=rule, HAS_CLIP=flag, HAS_CLIP_VALUE=flag, HAS_SCALE=flag,
+                             MAXIMIZE=flag, COUPLED_WD=flag, DECOUPLED_WD=flag, MOMENTUM=flag, NESTEROV=flag,
+                             AMSGRAD=flag, CENTERED=flag, ALIGNED=flag, ROWS=1, BLOCK=1024, CHUNK=4096))
             compile(K.sumsq_kernel, {**tables, "partials": acc, "out": acc, "scale": "*fp32"},
                     dict(DTYPE=dtype, HAS_SCALE=flag, HAS_CLIP_VALUE=flag, FINAL=flag, ALIGNED=flag, ROWS=1,
                          BLOCK=1024, CHUNK=4096))
         compile(K.sqrt_sum_kernel, {"partials": acc, "n": "i32", "out": acc}, dict(BLOCK=1024))
+    prepare = {"tensors": "*i64", "n_tensors": "i32", "hyper": "*fp64", "tables": "*fp64", "clocks": "*fp32",
+               "n_groups": "i32", "state": "*fp64", "scale": "*fp32", "found": "*fp32"}
     for norm in ("*fp32", "*fp64"):
-        compile(K.prepare_kernel, {"tensors": "*i64", "n_tensors": "i32", "hyper": "*fp64", "tables": "*fp64",
-                                   "clocks": "*fp32", "n_groups": "i32", "state": "*fp64", "norm": norm,
-                                   "scale": "*fp32", "found": "*fp32"},
-                dict(HAS_CLIP=True, HAS_SCALE=True, HAS_FOUND=True, KINDS=ALL_KINDS, BLOCK=128))
-    compile(K.prepare_kernel, {"tensors": "*i64", "n_tensors": "i32", "hyper": "*fp64", "tables": "*fp64",
-                               "clocks": "*fp32", "n_groups": "i32", "state": "*fp64", "norm": "*fp32",
-                               "scale": "*fp32", "found": "*fp32"},
-            dict(HAS_CLIP=False, HAS_SCALE=False, HAS_FOUND=False, KINDS=1, BLOCK=128))
+        for rule in range(4):
+            compile(K.prepare_kernel, {**prepare, "norm": norm},
+                    dict(HAS_CLIP=True, HAS_RATE=True, HAS_SCALE=True, HAS_FOUND=True, RULE=rule, KINDS=ALL_KINDS,
+                         BLOCK=128))
+    compile(K.prepare_kernel, {**prepare, "norm": "*fp32"},
+            dict(HAS_CLIP=False, HAS_RATE=False, HAS_SCALE=False, HAS_FOUND=False, RULE=0, KINDS=1, BLOCK=128))
     print("compiled")
 """)
 

@@ -116,6 +116,7 @@ class TritonBackend:
         self._hyper: torch.Tensor | None = None
         self._schedules: torch.Tensor | None = None
         self._flags: dict = {}
+        self._rule = L.RULE_SGD
         self.rebuilds = 0  # tables built from a new plan (not gradient refreshes): the cache's observable behaviour
 
     def unsupported(self, plan: Plan) -> str | None:
@@ -138,12 +139,14 @@ class TritonBackend:
         """The hyper rows (plus the optimizer-wide row) and schedule tables on the device, and the
         constexpr feature flags: which features any group uses and which schedule kinds occur, so
         kernels compile only those."""
-        key = (id(settings), settings.version, device)
+        key = (id(settings), settings.version, device, self._rule)
         if key != self._settings_key:
             K = self._k
             wide = np.zeros((1, L.HYPER_COLS))
             wide[0, K.O_MAX_NORM] = settings.max_grad_norm or 0.0
             wide[0, K.O_CLIP_VALUE] = settings.clip_value or 0.0
+            wide[0, K.O_RATE_POWER] = settings.lr_norm_power
+            wide[0, K.O_RATE_EPS] = settings.lr_norm_eps
             hyper = np.concatenate([settings.hyper, wide])
             same = self._hyper is not None and self._hyper.shape == hyper.shape and self._hyper.device == device
             self._hyper = _upload(hyper, device, into=self._hyper if same else None)
@@ -154,8 +157,11 @@ class TritonBackend:
             wd = settings.hyper[:, L.H_WEIGHT_DECAY] != 0
             decoupled = (flags & L.F_DECOUPLED) != 0
             used = np.isfinite(settings.schedules[:, :, 0])
+            momentum_col = L.H_R2 if self._rule == L.RULE_RMSPROP else L.H_R0
             self._flags = dict(
-                MOMENTUM=bool((settings.hyper[:, L.H_R0] != 0).any()),
+                MOMENTUM=bool((settings.hyper[:, momentum_col] != 0).any()),
+                AMSGRAD=bool(((flags & L.F_AMSGRAD) != 0).any()),
+                CENTERED=bool(((flags & L.F_CENTERED) != 0).any()),
                 NESTEROV=bool(((flags & L.F_NESTEROV) != 0).any()),
                 COUPLED_WD=bool((wd & ~decoupled).any()),
                 DECOUPLED_WD=bool((wd & decoupled).any()),
@@ -172,6 +178,7 @@ class TritonBackend:
     def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars) -> torch.Tensor:
         K = self._k
         tab = self._tables_for(plan)
+        self._rule = plan.rule
         hyper, _, _ = self._settings_for(settings, plan.device)
         out = torch.empty((), dtype=plan.norm_dtype, device=plan.device)
         scale = scalars.grad_scale if scalars.grad_scale is not None else hyper
@@ -194,24 +201,28 @@ class TritonBackend:
                norm: torch.Tensor | None) -> None:
         K = self._k
         tab = self._tables_for(plan)
+        self._rule = plan.rule
         hyper, schedules, flags = self._settings_for(settings, plan.device)
         found = scalars.found_inf if scalars.found_inf is not None else hyper
         scale = scalars.grad_scale if scalars.grad_scale is not None else hyper
         n_groups = len(settings.groups)
+        clip = norm is not None and settings.max_grad_norm is not None
         with _device(plan.device):
             K.prepare_kernel[(1,)](
                 tab.tensors, tab.n_tensors, hyper, schedules, clocks, n_groups, tab.scratch,
                 norm if norm is not None else hyper, scale, found,
-                HAS_CLIP=norm is not None, HAS_SCALE=scalars.grad_scale is not None,
-                HAS_FOUND=scalars.found_inf is not None, KINDS=flags["KINDS"], BLOCK=_PREPARE_BLOCK)
+                HAS_CLIP=clip, HAS_RATE=settings.lr_norm_power != 0, HAS_SCALE=scalars.grad_scale is not None,
+                HAS_FOUND=scalars.found_inf is not None, RULE=plan.rule, KINDS=flags["KINDS"], BLOCK=_PREPARE_BLOCK)
             for dtype, c0, c1, aligned in tab.spans:
                 rows = tab.rows(c1 - c0)
                 K.update_kernel[(-(-(c1 - c0) // rows),)](
                     tab.tensors, tab.chunks[c0:c1], c1 - c0, tab.n_tensors, hyper, n_groups, tab.scratch,
-                    DTYPE=self._tl[dtype], HAS_CLIP=norm is not None, HAS_CLIP_VALUE=settings.clip_value is not None,
-                    HAS_SCALE=scalars.grad_scale is not None, MAXIMIZE=flags["MAXIMIZE"],
+                    DTYPE=self._tl[dtype], RULE=plan.rule, HAS_CLIP=clip,
+                    HAS_CLIP_VALUE=settings.clip_value is not None, HAS_SCALE=scalars.grad_scale is not None,
+                    MAXIMIZE=flags["MAXIMIZE"],
                     COUPLED_WD=flags["COUPLED_WD"], DECOUPLED_WD=flags["DECOUPLED_WD"], MOMENTUM=flags["MOMENTUM"],
-                    NESTEROV=flags["NESTEROV"], ALIGNED=aligned, ROWS=rows, BLOCK=tab.block, CHUNK=tab.chunk)
+                    NESTEROV=flags["NESTEROV"], AMSGRAD=flags["AMSGRAD"], CENTERED=flags["CENTERED"], ALIGNED=aligned,
+                    ROWS=rows, BLOCK=tab.block, CHUNK=tab.chunk)
 
 
 def _is_interpreted(kernels) -> bool:

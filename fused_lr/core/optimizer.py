@@ -230,6 +230,10 @@ class FusedOptimizer(Optimizer):
         for gi, (group, schedule) in enumerate(zip(self.param_groups, schedules, strict=True)):
             group["schedule"] = schedule
             saved = group.pop("schedule_step", None)
+            if schedule is not None and "initial_lr" in group:
+                # a checkpoint of a torch lr_scheduler run: its "lr" is the scheduled value, the base
+                # lr our schedule multiplies is its "initial_lr"
+                group["lr"] = group["initial_lr"]
             steps = []
             for p in group["params"]:
                 st = self.state.get(p)

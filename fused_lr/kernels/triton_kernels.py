@@ -23,16 +23,21 @@ from fused_lr import schedules as S
 from fused_lr.core import layout as L
 
 # columns of the device hyper table's last (optimizer-wide) row
-O_MAX_NORM, O_CLIP_VALUE = range(2)
+O_MAX_NORM, O_CLIP_VALUE, O_RATE_POWER, O_RATE_EPS = range(4)
 
 _TCOLS, _HCOLS, _SCOLS = tl.constexpr(L.TENSOR_COLS), tl.constexpr(L.HYPER_COLS), tl.constexpr(L.COEF_COLS)
 _C_PARAM, _C_GRAD, _C_BUF, _C_STEP = (tl.constexpr(c) for c in (L.T_PARAM, L.T_GRAD, L.T_STATE0, L.T_STEP))
 _C_NUMEL, _C_GROUP = tl.constexpr(L.T_NUMEL), tl.constexpr(L.T_GROUP)
 _H_LR, _H_WD, _H_FLAGS = tl.constexpr(L.H_LR), tl.constexpr(L.H_WEIGHT_DECAY), tl.constexpr(L.H_FLAGS)
-_H_MOMENTUM, _H_DAMP1 = tl.constexpr(L.H_R0), tl.constexpr(L.H_R1)  # the SGD rule's columns (fused_lr/optim/sgd.py)
+_H_R0, _H_R1, _H_R2 = tl.constexpr(L.H_R0), tl.constexpr(L.H_R1), tl.constexpr(L.H_R2)  # the rule's columns
 _F_MAXIMIZE, _F_DECOUPLED, _F_NESTEROV = (tl.constexpr(f) for f in (L.F_MAXIMIZE, L.F_DECOUPLED, L.F_NESTEROV))
+_F_AMSGRAD, _F_CENTERED = tl.constexpr(L.F_AMSGRAD), tl.constexpr(L.F_CENTERED)
+_RULE_SGD, _RULE_ADAM, _RULE_RMSPROP, _RULE_ADAGRAD = (tl.constexpr(r) for r in (L.RULE_SGD, L.RULE_ADAM,
+                                                                                 L.RULE_RMSPROP, L.RULE_ADAGRAD))
 _H_MAX_NORM, _H_CLIP_VALUE = tl.constexpr(O_MAX_NORM), tl.constexpr(O_CLIP_VALUE)
-_S_LR, _S_DECAY, _S_INIT = tl.constexpr(L.C_LR), tl.constexpr(L.C_DECAY), tl.constexpr(L.C_INIT)
+_H_RATE_POWER, _H_RATE_EPS = tl.constexpr(O_RATE_POWER), tl.constexpr(O_RATE_EPS)
+_S_LR, _S_DECAY, _S_INIT, _S_C0 = tl.constexpr(L.C_LR), tl.constexpr(L.C_DECAY), tl.constexpr(L.C_INIT), \
+    tl.constexpr(L.C_C0)
 _S_COEF, _S_INV_SCALE, _S_GO = tl.constexpr(L.W_CLIP_COEF), tl.constexpr(L.W_INV_SCALE), tl.constexpr(L.W_GO)
 _NORM_EPS = tl.constexpr(L.NORM_EPS)
 
@@ -297,12 +302,17 @@ def sqrt_sum_kernel(partials, n, out, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------- update
 @triton.jit
 def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, state, norm, scale, found,
-                   HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
-                   KINDS: tl.constexpr, BLOCK: tl.constexpr):
+                   HAS_CLIP: tl.constexpr, HAS_RATE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
+                   RULE: tl.constexpr, KINDS: tl.constexpr, BLOCK: tl.constexpr):
     """One program, before update_kernel: the step-wide scalars (clip coefficient, 1/grad_scale,
     go = not skipped) and, per tensor, the lr = kernel lr x schedule(its group's clock), the
     decoupled decay factor and whether its state starts now (step count 0); then every step
     count and, once all are read, every group clock advance by go. Everything stays on the device."""
+    wide = hyper + n_groups * _HCOLS
+    rate = tl.full((), 1.0, tl.float64)
+    if HAS_RATE:  # the gradient-norm rate (N + eps) ** -power, on the norm before clipping
+        n_eps = tl.load(norm).to(tl.float64) + tl.load(wide + _H_RATE_EPS)
+        rate = tl.exp(-tl.load(wide + _H_RATE_POWER) * tl.log(n_eps))
     go = tl.full((), 1.0, tl.float64)
     if HAS_FOUND:
         go = tl.where(tl.load(found) != 0, 0.0, go)
@@ -329,10 +339,21 @@ def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, state, n
         h = hyper + group * _HCOLS
         k = tl.load(clocks + group, mask=m, other=0.0).to(tl.float64)
         lr = tl.load(h + _H_LR, mask=m, other=0.0) * _eval_tables(tables + group * (_SEGS * _ROW), k, m, KINDS)
+        lr = lr * rate
         flags = tl.load(h + _H_FLAGS, mask=m, other=0.0).to(tl.int32)
         decoupled_wd = tl.where((flags & _F_DECOUPLED) != 0, tl.load(h + _H_WD, mask=m, other=0.0), 0.0)
         out = state + idx * _SCOLS
-        tl.store(out + _S_LR, lr, mask=m)
+        step64 = step.to(tl.float64)
+        if RULE == _RULE_ADAM:  # bias corrections from the step count after this update
+            t = step64 + 1.0
+            b1 = tl.load(h + _H_R0, mask=m, other=0.0)
+            b2 = tl.load(h + _H_R1, mask=m, other=0.0)
+            tl.store(out + _S_C0, tl.sqrt(1.0 - _pow(b2, t, False)), mask=m)
+            tl.store(out + _S_LR, lr / (1.0 - _pow(b1, t, False)), mask=m)
+        elif RULE == _RULE_ADAGRAD:  # lr / (1 + (t - 1) lr_decay)
+            tl.store(out + _S_LR, lr / (1.0 + step64 * tl.load(h + _H_R0, mask=m, other=0.0)), mask=m)
+        else:
+            tl.store(out + _S_LR, lr, mask=m)
         tl.store(out + _S_DECAY, 1.0 - lr * decoupled_wd, mask=m)
         tl.store(out + _S_INIT, tl.where(step == 0, 1.0, 0.0), mask=m)
         # step + 0 rewrites the count unchanged when the step is skipped
@@ -345,19 +366,32 @@ def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, state, n
 
 
 @triton.jit
-def _update_block(P, G, B, offs, m, lr, decay, sign, wd, momentum, damp1, nesterov, init, inv, clip_value, coef,
-                  DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr,
-                  HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr,
-                  DECOUPLED_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MASKED: tl.constexpr):
-    """One (ROWS, BLOCK) tile of the SGD rule. The per-row scalars arrive loaded (hoisted out of
-    the block loop) as (ROWS, 1) columns. The constexpr feature flags say whether any group uses
-    a feature; rows of groups that do not are left alone by its code (neutral values, or a select)."""
+def _load2(P, G, offs, m, COMPUTE: tl.constexpr, MASKED: tl.constexpr):
     if MASKED:
-        g = tl.load(G + offs, mask=m, other=0.0).to(COMPUTE)
-        p = tl.load(P + offs, mask=m, other=0.0).to(COMPUTE)
+        return tl.load(G + offs, mask=m, other=0.0).to(COMPUTE), tl.load(P + offs, mask=m, other=0.0).to(COMPUTE)
+    return tl.load(G + offs).to(COMPUTE), tl.load(P + offs).to(COMPUTE)
+
+
+@triton.jit
+def _load_state(S, offs, m, COMPUTE: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(S + offs, mask=m, other=0.0).to(COMPUTE)
+    return tl.load(S + offs).to(COMPUTE)
+
+
+@triton.jit
+def _store(X, offs, x, m, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(X + offs, x.to(DTYPE), mask=m)
     else:
-        g = tl.load(G + offs).to(COMPUTE)
-        p = tl.load(P + offs).to(COMPUTE)
+        tl.store(X + offs, x.to(DTYPE))
+
+
+@triton.jit
+def _common(g, p, sign, wd, decay, inv, clip_value, coef, HAS_SCALE: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr,
+            HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr):
+    """docs/step.md steps 0-5 on a tile: the processed, clipped, (coupled) decayed gradient and the
+    (decoupled) decayed parameter."""
     if HAS_SCALE:
         g = g * inv
     if MAXIMIZE:
@@ -370,33 +404,92 @@ def _update_block(P, G, B, offs, m, lr, decay, sign, wd, momentum, damp1, nester
         g = tl.where(wd != 0, g + wd * p, g)  # not g + 0 * p, which is NaN for an infinite p
     if DECOUPLED_WD:
         p = p * decay  # the factor is exactly 1 without decay
+    return g, p
+
+
+@triton.jit
+def _lerp(a, b, w):
+    """torch.lerp's two formulas, chosen by the weight as torch chooses them."""
+    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit
+def _sgd(g, p, S0, offs, m, lr, r0, r1, nesterov, init, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+         MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MASKED: tl.constexpr):
+    """The SGD rule: r0 momentum, r1 1 - dampening; S0 the momentum buffer."""
     d = g
     if MOMENTUM:
-        has_momentum = momentum != 0
+        has_momentum = r0 != 0
         m_buf = m & has_momentum if MASKED else has_momentum
         # read only where the buffer holds momentum: never without one, nor on its first use
-        b = tl.load(B + offs, mask=m_buf & (init == 0), other=0.0).to(COMPUTE)
-        b = tl.where(init, g, momentum * b + damp1 * g)
-        tl.store(B + offs, b.to(DTYPE), mask=m_buf)
+        b = tl.load(S0 + offs, mask=m_buf & (init == 0), other=0.0).to(COMPUTE)
+        b = tl.where(init, g, r0 * b + r1 * g)
+        tl.store(S0 + offs, b.to(DTYPE), mask=m_buf)
         if NESTEROV:
-            b = tl.where(nesterov, g + momentum * b, b)
+            b = tl.where(nesterov, g + r0 * b, b)
         d = tl.where(has_momentum, b, g)
-    p = p - lr * d
-    if MASKED:
-        tl.store(P + offs, p.to(DTYPE), mask=m)
-    else:
-        tl.store(P + offs, p.to(DTYPE))
+    return p - lr * d
+
+
+@triton.jit
+def _adam(g, p, S0, S1, S2, offs, m, step_size, w1, b2, w2, bc2, eps, amsgrad, DTYPE: tl.constexpr,
+          COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MASKED: tl.constexpr):
+    """The Adam rule: S0 exp_avg, S1 exp_avg_sq, S2 max_exp_avg_sq (amsgrad rows only)."""
+    mv = _lerp(_load_state(S0, offs, m, COMPUTE, MASKED), g, w1)
+    v = _load_state(S1, offs, m, COMPUTE, MASKED) * b2 + w2 * g * g
+    _store(S0, offs, mv, m, DTYPE, MASKED)
+    _store(S1, offs, v, m, DTYPE, MASKED)
+    if AMSGRAD:
+        m_ams = m & amsgrad if MASKED else amsgrad
+        vmax = tl.maximum(tl.load(S2 + offs, mask=m_ams, other=0.0).to(COMPUTE), v)
+        tl.store(S2 + offs, vmax.to(DTYPE), mask=m_ams)
+        v = tl.where(amsgrad, vmax, v)
+    return p - step_size * mv / (tl.sqrt(v) / bc2 + eps)
+
+
+@triton.jit
+def _rmsprop(g, p, S0, S1, S2, offs, m, lr, alpha, w1, eps, r_mom, centered, DTYPE: tl.constexpr,
+             COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, MASKED: tl.constexpr):
+    """The RMSprop rule: S0 square_avg, then the momentum buffer if momentum, then grad_avg if centered."""
+    s = _load_state(S0, offs, m, COMPUTE, MASKED) * alpha + w1 * g * g
+    _store(S0, offs, s, m, DTYPE, MASKED)
+    avg = tl.sqrt(s)
+    if CENTERED:
+        C = tl.where(r_mom > 0, S2, S1)
+        m_c = m & centered if MASKED else centered
+        c = _lerp(tl.load(C + offs, mask=m_c, other=0.0).to(COMPUTE), g, w1)
+        tl.store(C + offs, c.to(DTYPE), mask=m_c)
+        avg = tl.where(centered, tl.sqrt(s + -c * c), avg)
+    avg = avg + eps
+    d = g / avg
+    if MOMENTUM:
+        has_momentum = r_mom > 0
+        m_b = m & has_momentum if MASKED else has_momentum
+        b = tl.load(S1 + offs, mask=m_b, other=0.0).to(COMPUTE) * r_mom + g / avg
+        tl.store(S1 + offs, b.to(DTYPE), mask=m_b)
+        d = tl.where(has_momentum, b, d)
+    return p - lr * d
+
+
+@triton.jit
+def _adagrad(g, p, S0, offs, m, clr, eps, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MASKED: tl.constexpr):
+    """The Adagrad rule: S0 the sum of squares."""
+    s = _load_state(S0, offs, m, COMPUTE, MASKED) + g * g
+    _store(S0, offs, s, m, DTYPE, MASKED)
+    return p - clr * g / (tl.sqrt(s) + eps)
 
 
 @triton.jit
 def update_kernel(tensors, chunks, n_chunks, n_tensors, hyper, n_groups, state,
-                  DTYPE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr,
+                  DTYPE: tl.constexpr, RULE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr,
                   HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr,
                   DECOUPLED_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                  AMSGRAD: tl.constexpr, CENTERED: tl.constexpr,
                   ALIGNED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """docs/step.md steps 0-7 (SGD rule) on ROWS chunks, with the scalars prepare_kernel left in
-    ``state``. Arithmetic in the parameter dtype (float32 for 16-bit types); scalars are cast to
-    it as torch casts a Python number."""
+    """docs/step.md steps 0-7 on ROWS chunks, the rule chosen by RULE, with the scalars
+    prepare_kernel left in ``state``. Arithmetic in the parameter dtype (float32 for 16-bit types);
+    scalars are cast to it as torch casts a Python number. The constexpr feature flags say whether
+    any group uses a feature; rows of groups that do not are left alone by its code."""
     COMPUTE: tl.constexpr = tl.float64 if DTYPE.is_fp64() else tl.float32
     _, tensor, row, start, end = _chunks(tensors, chunks, n_chunks, ROWS, CHUNK)
     last = state + n_tensors * _SCOLS
@@ -413,24 +506,49 @@ def update_kernel(tensors, chunks, n_chunks, n_tensors, hyper, n_groups, state,
     flags = tl.load(h + _H_FLAGS).to(tl.int32)
     sign = tl.where((flags & _F_MAXIMIZE) != 0, -1.0, 1.0).to(COMPUTE)
     wd = tl.where((flags & _F_DECOUPLED) != 0, 0.0, tl.load(h + _H_WD)).to(COMPUTE)
-    momentum = tl.load(h + _H_MOMENTUM).to(COMPUTE)
-    damp1 = tl.load(h + _H_DAMP1).to(COMPUTE)
-    nesterov = (flags & _F_NESTEROV) != 0
+    r0 = tl.load(h + _H_R0)
+    r1 = tl.load(h + _H_R1)
+    r2 = tl.load(h + _H_R2)
+    c0 = tl.load(own + _S_C0).to(COMPUTE)
     P = _address(row, _C_PARAM, DTYPE, ALIGNED)
     G = _address(row, _C_GRAD, DTYPE, ALIGNED)
-    B = _address(row, _C_BUF, DTYPE, ALIGNED)
+    S0 = _address(row, _C_BUF, DTYPE, ALIGNED)
+    S1 = _address(row, _C_BUF + 1, DTYPE, ALIGNED)
+    S2 = _address(row, _C_BUF + 2, DTYPE, ALIGNED)
     lane = tl.arange(0, BLOCK)[None, :]
     n_full, n_all = _blocks(start, end, BLOCK)
-    for i in range(n_full):
-        offs = start[:, None] + i * BLOCK + lane
-        _update_block(P, G, B, offs, True, lr, decay, sign, wd, momentum, damp1, nesterov, init, inv, clip_value,
-                      coef, DTYPE, COMPUTE, HAS_SCALE, HAS_CLIP_VALUE, HAS_CLIP, MAXIMIZE, COUPLED_WD, DECOUPLED_WD,
-                      MOMENTUM, NESTEROV, False)
+    args = (P, G, S0, S1, S2, lr, decay, init, flags, sign, wd, r0, r1, r2, c0, inv, clip_value, coef)
+    for i in range(n_full):  # whole blocks in every row: no masks
+        _update_tile(start[:, None] + i * BLOCK + lane, True, *args, DTYPE, COMPUTE, RULE, HAS_CLIP, HAS_CLIP_VALUE,
+                     HAS_SCALE, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, MOMENTUM, NESTEROV, AMSGRAD, CENTERED, False)
     for i in range(n_full, n_all):
         offs = start[:, None] + i * BLOCK + lane
-        _update_block(P, G, B, offs, offs < end[:, None], lr, decay, sign, wd, momentum, damp1, nesterov, init, inv,
-                      clip_value, coef, DTYPE, COMPUTE, HAS_SCALE, HAS_CLIP_VALUE, HAS_CLIP, MAXIMIZE, COUPLED_WD,
-                      DECOUPLED_WD, MOMENTUM, NESTEROV, True)
+        _update_tile(offs, offs < end[:, None], *args, DTYPE, COMPUTE, RULE, HAS_CLIP, HAS_CLIP_VALUE, HAS_SCALE,
+                     MAXIMIZE, COUPLED_WD, DECOUPLED_WD, MOMENTUM, NESTEROV, AMSGRAD, CENTERED, True)
+
+
+@triton.jit
+def _update_tile(offs, m, P, G, S0, S1, S2, lr, decay, init, flags, sign, wd, r0, r1, r2, c0, inv, clip_value, coef,
+                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, RULE: tl.constexpr, HAS_CLIP: tl.constexpr,
+                 HAS_CLIP_VALUE: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, MOMENTUM: tl.constexpr,
+                 NESTEROV: tl.constexpr, AMSGRAD: tl.constexpr, CENTERED: tl.constexpr, MASKED: tl.constexpr):
+    """One (ROWS, BLOCK) tile: steps 0-5, then the rule, then the parameter stored."""
+    g, p = _load2(P, G, offs, m, COMPUTE, MASKED)
+    g, p = _common(g, p, sign, wd, decay, inv, clip_value, coef, HAS_SCALE, HAS_CLIP_VALUE, HAS_CLIP, MAXIMIZE,
+                   COUPLED_WD, DECOUPLED_WD)
+    if RULE == _RULE_SGD:
+        p = _sgd(g, p, S0, offs, m, lr, r0.to(COMPUTE), r1.to(COMPUTE), (flags & _F_NESTEROV) != 0, init, DTYPE,
+                 COMPUTE, MOMENTUM, NESTEROV, MASKED)
+    elif RULE == _RULE_ADAM:
+        p = _adam(g, p, S0, S1, S2, offs, m, lr, (1.0 - r0).to(COMPUTE), r1.to(COMPUTE), (1.0 - r1).to(COMPUTE),
+                  c0, r2.to(COMPUTE), (flags & _F_AMSGRAD) != 0, DTYPE, COMPUTE, AMSGRAD, MASKED)
+    elif RULE == _RULE_RMSPROP:
+        p = _rmsprop(g, p, S0, S1, S2, offs, m, lr, r0.to(COMPUTE), (1.0 - r0).to(COMPUTE), r1.to(COMPUTE),
+                     r2.to(COMPUTE), (flags & _F_CENTERED) != 0, DTYPE, COMPUTE, MOMENTUM, CENTERED, MASKED)
+    else:
+        p = _adagrad(g, p, S0, offs, m, lr, r1.to(COMPUTE), DTYPE, COMPUTE, MASKED)
+    _store(P, offs, p, m, DTYPE, MASKED)
 
 
 def _call_helpers_directly() -> None:
