@@ -66,23 +66,28 @@ def one_rank_mesh():
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("placement", ["shard", "replicate"])
 @pytest.mark.parametrize("backend,device", [c for c in backend_cases() if c.values[1] == "cpu"])
-def test_dtensor_parameters_never_reach_a_kernel(backend, device, one_rank_mesh):
+def test_dtensor_parameters_never_reach_a_kernel_as_wrappers(backend, device, placement, one_rank_mesh):
     """The fault an FSDP2 user hit: the Numba kernels read the DTensor wrappers' addresses and
-    killed both ranks. Now the step runs where it is correct and says so."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+    killed both ranks. Sharded DTensors (FSDP2's placement) now run in the kernels on their local
+    shards, their state DTensors too; other placements run on the reference and say so."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+    place = [Shard(0)] if placement == "shard" else [Replicate()]
     full = torch.randn(8, 4, dtype=torch.float64)
-    p = torch.nn.Parameter(distribute_tensor(full.clone(), one_rank_mesh, [Shard(0)]))
+    p = torch.nn.Parameter(distribute_tensor(full.clone(), one_rank_mesh, place))
     plain = torch.nn.Parameter(full.clone())
     opt, ref = FusedSGD([p], backend=backend, **KW), FusedSGD([plain], backend="reference", **KW)
     for step in range(3):
         g = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
-        p.grad, plain.grad = distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)]), g.clone()
+        p.grad, plain.grad = distribute_tensor(g.clone(), one_rank_mesh, place), g.clone()
         messages = _step_warned(opt)
         ref.step()
-        if step == 0 and backend != "reference":
-            assert any("DTensor" in m for m in messages), messages
+        fell_back = any("DTensor" in m for m in messages)
+        assert fell_back == (placement == "replicate" and backend != "reference" and step == 0), messages
+    assert opt.backend == (backend if placement == "shard" else "reference")
+    assert isinstance(opt.state[p]["momentum_buffer"], DTensor)
     assert torch.allclose(p.full_tensor(), plain, rtol=1e-12, atol=0)
 
 

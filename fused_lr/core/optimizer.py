@@ -51,6 +51,32 @@ def _rate_problems(power, eps) -> tuple[str | None, str | None]:
             None if check_eps[0](eps) else f"lr_norm_eps must be {check_eps[1]}, got {eps!r}")
 
 
+def _shard_group(params: list) -> object | None:
+    """The process group of the mesh when every tensor-subclass parameter is a DTensor sharded on
+    one 1-D mesh (FSDP2's placement): each element then lives on exactly one rank, and the step
+    runs on the local shards. None otherwise (the subclass tensors then run on the reference)."""
+    if not dist.is_available():
+        return None
+    from torch.distributed.tensor import DTensor, Shard
+
+    meshes = set()
+    for p in params:
+        if type(p) in _PLAIN:
+            continue
+        sharded = isinstance(p, DTensor) and p.device_mesh.ndim == 1 and isinstance(p.placements[0], Shard)
+        if not sharded:
+            return None
+        meshes.add(p.device_mesh)
+    return meshes.pop().get_group() if len(meshes) == 1 else None
+
+
+def _as_dtensor(local: torch.Tensor, like) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
+
+
 def _same(a: tuple, b: tuple | None) -> bool:
     """Tuple equality that compares tensors by identity (== on a CUDA tensor would sync)."""
     return b is not None and len(a) == len(b) and all(
@@ -177,6 +203,7 @@ class FusedOptimizer(Optimizer):
     # ---------------------------------------------------------------- copies, pickling, checkpoints
     def _reset_caches(self) -> None:
         self._plans: dict = {}
+        self._mesh_group = None
         self._signature = None  # (group param lists, parameter addresses) the plans were built for
         self._settings: Settings | None = None
         self._group_keys: list = []
@@ -345,7 +372,7 @@ class FusedOptimizer(Optimizer):
         groups = self.param_groups
         params = self._flat_params(groups)
         views = params if self._plain else [self._view(p) for p in params]
-        if self._plain:
+        if self._plain or self._mesh_group is not None:
             try:
                 addresses = list(map(_DATA_PTR, views))
             except RuntimeError:
@@ -354,6 +381,8 @@ class FusedOptimizer(Optimizer):
                 self._signature = (self._signature[0], addresses)
                 self._plans.clear()
         grads = list(map(_GRAD, params))
+        if self._mesh_group is not None:  # FSDP2: the kernels work on each rank's local shards
+            grads = [g if g is None or type(g) is torch.Tensor else g._local_tensor for g in grads]
         try:  # every parameter has a gradient with storage: the common case, in one C-level pass
             ptrs = list(map(_DATA_PTR, grads))
             mask = None
@@ -380,13 +409,14 @@ class FusedOptimizer(Optimizer):
             self._group_index = [gi for gi, g in enumerate(groups) for _ in g["params"]]
             self._index_in_group = [i for g in groups for i in range(len(g["params"]))]
             self._plain = all(type(p) in _PLAIN for p in self._flat)
+            self._mesh_group = None if self._plain else _shard_group(self._flat)
             self._signature = (sig, None)
             self._plans.clear()
         return self._flat
 
-    @staticmethod
-    def _view(p: torch.Tensor) -> torch.Tensor:
-        return p
+    def _view(self, p: torch.Tensor) -> torch.Tensor:
+        """What the step addresses for ``p``: a sharded DTensor's local shard, else ``p`` itself."""
+        return p._local_tensor if self._mesh_group is not None and type(p) not in _PLAIN else p
 
     def _name(self, pos: int) -> str:
         return f"param group {self._group_index[pos]}, parameter {self._index_in_group[pos]}"
@@ -426,19 +456,28 @@ class FusedOptimizer(Optimizer):
                 st["step"] = step = torch.as_tensor(0.0 if step is None else float(step), dtype=torch.float32).to(
                     view.device)
             sts = {}
+            sharded = view is not p  # a DTensor's state is a DTensor of the same placements (FSDP2, DCP)
             for name in self.state_names(group):
                 t = st.get(name)
+                local = t._local_tensor if sharded and t is not None and type(t) not in _PLAIN else t
+                if sharded and t is not None and local is t:
+                    raise RuntimeError(f"{self._name(pos)}: its {name!r} state is a plain tensor, but the parameter "
+                                       f"is a DTensor; load sharded checkpoints with torch.distributed.checkpoint")
                 if t is None:
-                    t = st[name] = self.init_state(name, view, group)
+                    local = self.init_state(name, view, group)
                     if self.new_state_restarts_step:
                         step.zero_()
-                elif type(t) not in _PLAIN or t.dtype != view.dtype or t.device != view.device \
-                        or t.stride() != view.stride():
+                elif type(local) not in _PLAIN or local.dtype != view.dtype or local.device != view.device \
+                        or local.stride() != view.stride():
                     # a checkpoint loaded into another dtype or layout: state of the parameter's kind
                     # (torch.optim.Optimizer.load_state_dict casts it likewise); never a raw read
                     # through the wrong type
-                    t = st[name] = torch.empty_like(view).copy_(t)
-                sts[name] = t
+                    local = torch.empty_like(view).copy_(local)
+                else:
+                    sts[name] = local
+                    continue
+                st[name] = _as_dtensor(local, p) if sharded else local
+                sts[name] = local
             states.append(sts)
             steps.append(step)
         plan.bind(states, steps)
@@ -458,7 +497,7 @@ class FusedOptimizer(Optimizer):
     def _runner(self, plan: Plan):
         backend = self._backend_for(plan.device)
         reason = plan.problem or backend.unsupported(plan)
-        if reason is None:
+        if reason is None or backend.name == "reference":  # the reference takes any tensor torch computes with
             return backend
         if reason not in self._warned:
             self._warned.add(reason)
@@ -487,7 +526,7 @@ class FusedOptimizer(Optimizer):
         norm = None
         if needs_norm:
             norm = runner.grad_norm(plan, settings, scalars)
-            if self.process_group is not None:
+            if self._norm_group is not None:
                 norm = self._global_norm(norm)
             skipped = scalars.found_inf is not None and bool(scalars.found_inf)
             if self.error_if_nonfinite and not bool(torch.isfinite(norm)) and not skipped:
@@ -508,7 +547,7 @@ class FusedOptimizer(Optimizer):
         if not params:
             return
         device = params[0].device
-        if needs_norm and self.process_group is not None:
+        if needs_norm and self._norm_group is not None:
             dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
             self._global_norm(torch.zeros((), dtype=dtype, device=device))
         clocks = self._clock_tensor(device)
@@ -521,8 +560,14 @@ class FusedOptimizer(Optimizer):
         """The gradient norm over every rank's shard: sqrt of the all-reduced squared local norms.
         Stays on the device (a collective enqueued like any kernel, no host round trip)."""
         squared = norm * norm
-        dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=self.process_group)
+        dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=self._norm_group)
         return squared.sqrt()
+
+    @property
+    def _norm_group(self):
+        """Whose shards make up the model: ``process_group``, else the mesh of sharded DTensor
+        parameters (FSDP2), else None (every rank holds every parameter)."""
+        return self.process_group if self.process_group is not None else self._mesh_group
 
     # ---------------------------------------------------------------- introspection
     def current_lr(self) -> list[float]:
