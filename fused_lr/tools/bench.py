@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from fused_lr import FusedSGD, backends, param_groups
+from fused_lr import backends, param_groups
 from fused_lr.schedules import Cosine
 from fused_lr.tools import models
 
@@ -55,12 +55,22 @@ def parameter_groups(model: str, seed: int = 0) -> list[dict]:
     return param_groups(net, WEIGHT_DECAY)
 
 
-def torch_step(groups: list[dict], impl: str) -> Callable[[], None]:
-    """clip_grad_norm_ + torch.optim.SGD + CosineAnnealingLR, with SGD's ``impl``."""
+# Per optimizer: torch's class, fused_lr's class, their shared keyword arguments, the fp32 passes
+# the update must make over the parameters (besides the norm pass over the gradients), and the
+# streaming kernel that makes exactly those passes.
+OPTIMIZERS = {
+    "sgd": ("SGD", "FusedSGD", dict(lr=LR, momentum=MOMENTUM), 5, "update_pass"),  # read p,g,b write p,b
+    "adamw": ("AdamW", "FusedAdamW", dict(lr=1e-3, weight_decay=1e-2), 7, "adam_pass"),  # read p,g,m,v write p,m,v
+}
+
+
+def torch_step(groups: list[dict], impl: str, optimizer: str = "sgd") -> Callable[[], None]:
+    """clip_grad_norm_ + the torch optimizer + CosineAnnealingLR, with the optimizer's ``impl``."""
     if impl not in TORCH_IMPLS:
-        raise ValueError(f"unknown torch SGD implementation {impl!r}; choose one of {TORCH_IMPLS}")
+        raise ValueError(f"unknown torch implementation {impl!r}; choose one of {TORCH_IMPLS}")
+    name, _, kw, _, _ = OPTIMIZERS[optimizer]
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM, foreach=impl == "foreach", fused=impl == "fused")
+    opt = getattr(torch.optim, name)(groups, foreach=impl == "foreach", fused=impl == "fused", **kw)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, TOTAL_STEPS)
     clip_foreach = impl != "for-loop"  # the for-loop contender clips tensor by tensor too
 
@@ -72,9 +82,12 @@ def torch_step(groups: list[dict], impl: str) -> Callable[[], None]:
     return step
 
 
-def fused_step(groups: list[dict], backend: str) -> Callable[[], None]:
-    opt = FusedSGD(groups, lr=LR, momentum=MOMENTUM, max_grad_norm=MAX_GRAD_NORM, schedule=Cosine(TOTAL_STEPS),
-                   backend=backend)
+def fused_step(groups: list[dict], backend: str, optimizer: str = "sgd") -> Callable[[], None]:
+    import fused_lr
+
+    _, name, kw, _, _ = OPTIMIZERS[optimizer]
+    opt = getattr(fused_lr, name)(groups, max_grad_norm=MAX_GRAD_NORM, schedule=Cosine(TOTAL_STEPS), backend=backend,
+                                  **kw)
     return opt.step
 
 
@@ -83,19 +96,25 @@ def cpu_backends() -> list[str]:
     return [n for n, ok in backends.available_backends().items() if ok is True and "cpu" in backends.devices(n)]
 
 
-def contenders(model: str, fused_backends: list[str]) -> dict[str, Callable[[], None]]:
+def contenders(model: str, fused_backends: list[str], optimizer: str = "sgd") -> dict[str, Callable[[], None]]:
     """name -> step function, each on its own copy of the model's parameters."""
-    out = {f"torch {impl}": torch_step(parameter_groups(model), impl) for impl in TORCH_IMPLS}
-    out.update({f"fused_lr {b}": fused_step(parameter_groups(model), b) for b in fused_backends})
+    out = {f"torch {impl}": torch_step(parameter_groups(model), impl, optimizer) for impl in TORCH_IMPLS}
+    out.update({f"fused_lr {b}": fused_step(parameter_groups(model), b, optimizer) for b in fused_backends})
     return out
 
 
-def stream_steps(numel: int) -> dict[str, Callable[[], None]]:
-    """The two plain passes that move a clipped step's bytes over ``numel`` fp32 elements."""
-    from fused_lr.kernels.numba_stream import read_pass, update_pass
+STREAM_PASSES = ("stream read g", "stream update")
 
-    p, g, b = (torch.rand(numel).numpy() for _ in range(3))
-    return {"stream read g": lambda: read_pass(g), "stream read p,g,b write p,b": lambda: update_pass(p, g, b)}
+
+def stream_steps(numel: int, optimizer: str = "sgd") -> dict[str, Callable[[], None]]:
+    """The two plain passes that move a clipped step's bytes over ``numel`` fp32 elements: the
+    gradients once (the norm), then what the optimizer's update reads and writes."""
+    from fused_lr.kernels import numba_stream
+
+    update = getattr(numba_stream, OPTIMIZERS[optimizer][4])
+    arrays = [torch.rand(numel).numpy() for _ in range(4)]
+    return {STREAM_PASSES[0]: lambda: numba_stream.read_pass(arrays[1]),
+            STREAM_PASSES[1]: lambda: update(*arrays[: update.py_func.__code__.co_argcount])}
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], repeat: int, warmup: int = 3) -> dict[str, list[float]]:
@@ -117,7 +136,7 @@ class ModelResult:
     model: str
     tensors: int
     numel: int
-    bytes_moved: int  # by one clipped step at the minimum: 6 fp32 passes over the parameters
+    bytes_moved: int  # by one clipped step at the minimum: the norm pass + the update's fp32 passes
     stream_ms: float  # the streaming bound: median read pass + median update pass
     stream_min_ms: float  # the same from the fastest pass of each (robust to load from other processes)
     rows: list[dict] = field(default_factory=list)
@@ -132,7 +151,7 @@ SPREAD_LIMIT, PROBE_DRIFT_LIMIT = 1.25, 0.15
 def probe_gbps(numel: int = 1 << 24, repeat: int = 5) -> float:
     """The update pass's bandwidth on ``numel`` fp32 elements (5 fp32 passes), best of ``repeat``."""
     fns = stream_steps(numel)
-    update = fns["stream read p,g,b write p,b"]
+    update = fns[STREAM_PASSES[1]]
     update()
     best = min(_timed(update) for _ in range(repeat))
     return 5 * 4 * numel / best / 1e9
@@ -171,18 +190,18 @@ def set_threads(threads: int) -> None:
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def run_model(model: str, repeat: int, fused_backends: list[str]) -> ModelResult:
+def run_model(model: str, repeat: int, fused_backends: list[str], optimizer: str = "sgd") -> ModelResult:
     groups = parameter_groups(model)
     params = [p for g in groups for p in g["params"]]
     numel = sum(p.numel() for p in params)
-    fns = contenders(model, fused_backends)
-    fns.update(stream_steps(numel))
+    fns = contenders(model, fused_backends, optimizer)
+    fns.update(stream_steps(numel, optimizer))
     times = time_interleaved(fns, repeat)
     med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
     low = {name: min(ts) * 1e3 for name, ts in times.items()}
-    passes = ("stream read g", "stream read p,g,b write p,b")
-    result = ModelResult(model, len(params), numel, 6 * 4 * numel, sum(med.pop(p) for p in passes),
-                         sum(low.pop(p) for p in passes))
+    passes = 1 + OPTIMIZERS[optimizer][3]
+    result = ModelResult(model, len(params), numel, passes * 4 * numel, sum(med.pop(p) for p in STREAM_PASSES),
+                         sum(low.pop(p) for p in STREAM_PASSES))
     for name, ms in med.items():
         result.rows.append(dict(name=name, median_ms=ms, min_ms=low[name], speedup=med[BASELINE] / ms,
                                 speedup_min=low[BASELINE] / low[name], stream_fraction=result.stream_ms / ms,
@@ -225,7 +244,8 @@ def format_table(results: list[ModelResult]) -> str:
                          f"{row['speedup']:>15.2f} ({row['speedup_min']:5.2f}) "
                          f"{100 * row['stream_fraction']:>15.0f}% ({100 * row['stream_fraction_min']:3.0f}%)")
         lines.append(f"{r.model:<9} {'streaming bound':<20} {r.stream_ms:>10.2f} {r.stream_min_ms:>8.2f}   "
-                     f"{r.numel / 1e6:.1f} M params in {r.tensors} tensors, 6 fp32 passes: "
+                     f"{r.numel / 1e6:.1f} M params in {r.tensors} tensors, {r.bytes_moved // (4 * r.numel)} fp32 "
+                     f"passes: "
                      f"{r.bytes_moved / r.stream_ms / 1e6:.0f} GB/s ({r.bytes_moved / r.stream_min_ms / 1e6:.0f} GB/s)")
     return "\n".join(lines)
 
@@ -264,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for bench.json and bench.png")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="worker threads for torch and Numba alike (default: every core)")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
+                        help="the step to time: clip + SGD momentum or clip + AdamW, with a cosine schedule")
     parser.add_argument("--host", action="store_true",
                         help="time the host side only: ResNet-50's 161 tensors at 1-8 elements, GPU launches stubbed")
     args = parser.parse_args(argv)
@@ -279,14 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     if missing := [b for b in chosen if b not in available]:
         parser.error(f"backend(s) {missing} cannot run on CPU here; available: {available}")
     load_before, probe_before = os.getloadavg()[0], probe_gbps()
-    results = [run_model(m, args.repeat, chosen) for m in args.models]
+    results = [run_model(m, args.repeat, chosen, args.optimizer) for m in args.models]
     load_after, probe_after = os.getloadavg()[0], probe_gbps()
     print(format_table(results))
     spreads = {f"{r.model} {row['name']}": row["median_ms"] / row["min_ms"] for r in results for row in r.rows}
     reasons = disturbance(load_before, load_after, args.threads, spreads, probe_before, probe_after)
     print(verdict(reasons))
     args.out.mkdir(parents=True, exist_ok=True)
-    report = dict(machine=machine(), repeat=args.repeat, results=[asdict(r) for r in results],
+    report = dict(machine=machine(), repeat=args.repeat, optimizer=args.optimizer, results=[asdict(r) for r in results],
                   disturbance=dict(load=[load_before, load_after], probe_gbps=[probe_before, probe_after],
                                    spreads=spreads, reasons=reasons),
                   step=dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
