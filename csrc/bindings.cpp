@@ -1,16 +1,24 @@
 // fused_lr._cuda: the kernels of kernels.cu behind a torch-free interface. Tensors arrive as
-// raw device addresses and the stream as the integer torch.cuda.Stream.cuda_stream, so one
-// build serves every torch version (no libtorch ABI involved).
+// raw device addresses and the stream as the integer torch hands out for it, so one build serves
+// every torch version (no libtorch ABI involved). fused_lr/backends/cuda.py drives it.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "launch.h"
 
 namespace py = pybind11;
 
 namespace {
+
+// The header this module was compiled with, as generated from fused_lr/core/layout.py: the
+// backend compares it with the installed layout.py to tell a stale build.
+const char LAYOUT_HEADER[] =
+#include "fused_lr_layout_text.inc"
+    ;
 
 template <typename T>
 T* ptr(uintptr_t address) {
@@ -21,23 +29,23 @@ void raise_if(const std::string& err) {
   if (!err.empty()) throw std::runtime_error("fused_lr._cuda: " + err);
 }
 
-flr::TensorTable tensor_table(uintptr_t table, int n_tensors, int64_t n_chunks, int64_t chunk_size) {
-  if (n_tensors < 0 || n_chunks < 0 || n_chunks >= (int64_t{1} << 31) || chunk_size <= 0)
-    throw std::invalid_argument("fused_lr._cuda: bad tensor table shape");
-  return {ptr<const int64_t>(table), n_tensors, n_chunks, chunk_size};
-}
-
-flr::StepArgs step_args(bool has_norm, double max_norm, bool norm_is_double, bool has_clip_value,
-                        double clip_value) {
-  return {max_norm, clip_value, has_norm, norm_is_double, has_clip_value};
+std::vector<flr::Bucket> buckets(const std::vector<int>& dtypes, const std::vector<int64_t>& first_blocks,
+                                 const std::vector<int64_t>& n_blocks) {
+  if (dtypes.size() != first_blocks.size() || dtypes.size() != n_blocks.size())
+    throw std::invalid_argument("fused_lr._cuda: dtypes, first_blocks and n_blocks differ in length");
+  std::vector<flr::Bucket> out;
+  for (size_t i = 0; i < dtypes.size(); ++i) out.push_back({dtypes[i], first_blocks[i], n_blocks[i]});
+  return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "fused_lr CUDA kernels (raw device pointers; see fused_lr/cuda_backend.py)";
-  m.attr("TABLE_COLS") = static_cast<int>(flr::TABLE_COLS);
-  m.attr("HYPER_COLS") = static_cast<int>(flr::HYPER_COLS);
+  m.doc() = "fused_lr CUDA kernels (raw device addresses; driven by fused_lr/backends/cuda.py)";
+  m.attr("LAYOUT_HEADER") = py::str(LAYOUT_HEADER);
+  py::dict dtypes;
+  for (int code = 0; code < flr::DT_COUNT; ++code) dtypes[flr::DTYPE_NAMES[code]] = code;
+  m.attr("DTYPES") = dtypes;
 
   // (count, "") or (0, why): this module's own CUDA runtime may not work where torch's does
   // (e.g. a driver older than the toolkit it was built with).
@@ -47,50 +55,48 @@ PYBIND11_MODULE(_cuda, m) {
     return py::make_tuple(count, err);
   });
 
-  m.def("set_device", [](int device) { raise_if(flr::set_device(device)); }, py::arg("device"));
+  m.def(
+      "norm",
+      [](uintptr_t table, uintptr_t blocks, const std::vector<int>& dtypes, const std::vector<int64_t>& first_blocks,
+         const std::vector<int64_t>& n_blocks, int64_t total_blocks, uintptr_t grad_scale, bool has_clip_value,
+         double clip_value, uintptr_t partials, uintptr_t norm, bool norm_is_double, int device, uintptr_t stream) {
+        flr::NormLaunch n;
+        n.args = {ptr<const int64_t>(table), ptr<const int32_t>(blocks), ptr<const float>(grad_scale), has_clip_value,
+                  clip_value};
+        n.buckets = buckets(dtypes, first_blocks, n_blocks);
+        n.n_blocks = total_blocks;
+        n.partials = ptr<double>(partials);
+        n.norm = ptr<void>(norm);
+        n.norm_is_double = norm_is_double;
+        raise_if(flr::launch_norm(n, device, ptr<void>(stream)));
+      },
+      py::arg("table"), py::arg("blocks"), py::arg("dtypes"), py::arg("first_blocks"), py::arg("n_blocks"),
+      py::arg("total_blocks"), py::arg("grad_scale"), py::arg("has_clip_value"), py::arg("clip_value"),
+      py::arg("partials"), py::arg("norm"), py::arg("norm_is_double"), py::arg("device"), py::arg("stream"));
 
   m.def(
-      "norm_partials",
-      [](int dtype, uintptr_t table, int n_tensors, int64_t n_chunks, int64_t chunk_size, uintptr_t grad_scale,
-         bool has_clip_value, double clip_value, uintptr_t partials, uintptr_t stream) {
-        const auto t = tensor_table(table, n_tensors, n_chunks, chunk_size);
-        const auto s = step_args(false, 0.0, false, has_clip_value, clip_value);
-        raise_if(flr::launch_norm_partials(dtype, t, ptr<const float>(grad_scale), s, ptr<double>(partials),
-                                           ptr<void>(stream)));
+      "step",
+      [](int rule, uintptr_t table, uintptr_t blocks, int64_t n_tensors, const std::vector<int>& dtypes,
+         const std::vector<int64_t>& first_blocks, const std::vector<int64_t>& n_blocks, uintptr_t hyper,
+         uintptr_t sched, uintptr_t lr32, uintptr_t lr64, uintptr_t clocks, int64_t n_groups, uintptr_t scratch,
+         uintptr_t norm, bool norm_is_double, double max_norm, uintptr_t grad_scale, uintptr_t found_inf,
+         bool has_clip_value, double clip_value, int device, uintptr_t stream) {
+        flr::StepLaunch s;
+        s.rule = rule;
+        s.prepare = {ptr<const int64_t>(table), n_tensors, ptr<const double>(hyper), ptr<const double>(sched),
+                     ptr<const int64_t>(lr32), ptr<const int64_t>(lr64), ptr<const float>(clocks),
+                     ptr<const void>(norm), norm_is_double, max_norm, ptr<const float>(grad_scale),
+                     ptr<const float>(found_inf), ptr<double>(scratch)};
+        s.update = {ptr<const int64_t>(table), ptr<const int32_t>(blocks), n_tensors, ptr<const double>(hyper),
+                    ptr<const double>(scratch), has_clip_value, clip_value};
+        s.buckets = buckets(dtypes, first_blocks, n_blocks);
+        s.clocks = ptr<float>(clocks);
+        s.n_groups = n_groups;
+        raise_if(flr::launch_step(s, device, ptr<void>(stream)));
       },
-      py::arg("dtype"), py::arg("table"), py::arg("n_tensors"), py::arg("n_chunks"), py::arg("chunk_size"),
-      py::arg("grad_scale"), py::arg("has_clip_value"), py::arg("clip_value"), py::arg("partials"),
-      py::arg("stream"));
-
-  m.def(
-      "norm_finish",
-      [](uintptr_t partials, int64_t n, uintptr_t norm, bool norm_is_double, uintptr_t stream) {
-        raise_if(flr::launch_norm_finish(ptr<const double>(partials), n, ptr<void>(norm), norm_is_double,
-                                         ptr<void>(stream)));
-      },
-      py::arg("partials"), py::arg("n"), py::arg("norm"), py::arg("norm_is_double"), py::arg("stream"));
-
-  m.def(
-      "update",
-      [](int dtype, uintptr_t table, int n_tensors, int64_t n_chunks, int64_t chunk_size, uintptr_t sched,
-         uintptr_t hyper, uintptr_t norm, bool norm_is_double, double max_norm, bool has_clip_value,
-         double clip_value, uintptr_t grad_scale, uintptr_t found_inf, uintptr_t stream) {
-        const auto t = tensor_table(table, n_tensors, n_chunks, chunk_size);
-        const auto s = step_args(norm != 0, max_norm, norm_is_double, has_clip_value, clip_value);
-        raise_if(flr::launch_update(dtype, t, ptr<const double>(sched), ptr<const double>(hyper),
-                                    ptr<const void>(norm), ptr<const float>(grad_scale),
-                                    ptr<const float>(found_inf), s, ptr<void>(stream)));
-      },
-      py::arg("dtype"), py::arg("table"), py::arg("n_tensors"), py::arg("n_chunks"), py::arg("chunk_size"),
-      py::arg("sched"), py::arg("hyper"), py::arg("norm"), py::arg("norm_is_double"), py::arg("max_norm"),
-      py::arg("has_clip_value"), py::arg("clip_value"), py::arg("grad_scale"), py::arg("found_inf"),
-      py::arg("stream"));
-
-  m.def(
-      "increment_steps",
-      [](uintptr_t table, int n_tensors, uintptr_t found_inf, uintptr_t stream) {
-        raise_if(flr::launch_increment_steps(ptr<const int64_t>(table), n_tensors, ptr<const float>(found_inf),
-                                             ptr<void>(stream)));
-      },
-      py::arg("table"), py::arg("n_tensors"), py::arg("found_inf"), py::arg("stream"));
+      py::arg("rule"), py::arg("table"), py::arg("blocks"), py::arg("n_tensors"), py::arg("dtypes"),
+      py::arg("first_blocks"), py::arg("n_blocks"), py::arg("hyper"), py::arg("sched"), py::arg("lr32"),
+      py::arg("lr64"), py::arg("clocks"), py::arg("n_groups"), py::arg("scratch"), py::arg("norm"),
+      py::arg("norm_is_double"), py::arg("max_norm"), py::arg("grad_scale"), py::arg("found_inf"),
+      py::arg("has_clip_value"), py::arg("clip_value"), py::arg("device"), py::arg("stream"));
 }

@@ -1,34 +1,43 @@
-// The per-element math of the fused step, shared by the CUDA kernels (kernels.cu) and the host
-// test (csrc/tests/host_math.cpp, driven by tests/test_cuda_host.py), so that CI without a GPU
-// still checks every formula against the Python reference.
+// The fused step's math and each thread's share of the work, as __host__ __device__ functions
+// shared by the CUDA kernels (kernels.cu) and the host twins (csrc/tests/), so that CI without a
+// GPU runs the very code the kernels run, against the Python reference (tests/test_cuda_host.py).
 //
-// Everything here mirrors Python operation for operation:
-//   eval_table       fused_lr.schedules.eval_table
-//   make_coefs,
+// Table columns, flag bits, rule and schedule-kind codes, NORM_EPS and the chunk and block sizes
+// come from fused_lr_layout.h, which the build generates from fused_lr/core/layout.py
+// (docs/step.md, "Kernel layout"); nothing here restates them.
+//
+// Mirrors, operation for operation:
+//   eval_table            fused_lr.schedules.eval_table
+//   prepare_row           the per-tensor scalars of docs/step.md: lr = base lr x schedule(group clock),
+//                         decoupled decay factor, the momentum buffer's first use (step count == 0);
+//                         its last row: clip coefficient (fused_lr.backends.reference.clip_coef),
+//                         1/grad_scale (torch.amp.GradScaler.unscale_), go (found_inf unset)
 //   processed_grad,
-//   update_element   fused_lr.reference (ReferenceBackend.update / processed_grad / clip_coef)
-//   locate_tensor,
-//   chunk_range      the chunk numbering cuda_backend.chunk_layout builds
+//   sgd_element           fused_lr.backends.reference (processed_grad, ReferenceBackend.update) with
+//                         fused_lr.optim.sgd.FusedSGD.reference_rule
 #pragma once
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+
+#include "fused_lr_layout.h"
 
 #if defined(__CUDACC__)
 #define FLR_HD __host__ __device__ __forceinline__
+#define FLR_UNROLL _Pragma("unroll")
 #else
 #define FLR_HD inline
+#define FLR_UNROLL
 #endif
 
 namespace flr {
+namespace L = layout;
+
+static_assert(L::COEF_COLS - L::C_C0 >= L::RULE_COLS, "a rule's coefficients must fit the scratch row");
+static_assert(L::CUDA_CHUNK % 8 == 0, "chunks must start on 16-byte boundaries for every dtype");
 
 // ---------------------------------------------------------------------------- schedule tables
-// Layout and kind codes: fused_lr/schedules.py (MAX_SEGMENTS rows of [start, kind, p0..p5]).
-constexpr int MAX_SEGMENTS = 16;
-constexpr int ROW = 8;
-enum Kind : int {
-  CONST = 0, STEP, EXP, LINEAR, POLY, COSINE, COSINE_RESTARTS, CYCLIC, ONECYCLE, INVTIME, INVSQRT, POWERLAW
-};
 constexpr double PI = 3.141592653589793;  // math.pi
 
 // Python's min(a, b): a unless b < a.
@@ -42,28 +51,28 @@ FLR_HD double cosine_factor(double m, double t, double period) {
 // Python raises: the table builder never emits one, and NaN makes a corrupt table visible.
 FLR_HD double eval_table(const double* table, double k) {
   int row = 0;
-  for (int i = 0; i < MAX_SEGMENTS; ++i) {
-    if (table[i * ROW] <= k) row = i;
+  for (int i = 0; i < L::MAX_SEGMENTS; ++i) {
+    if (table[i * L::SEGMENT_COLS] <= k) row = i;
   }
-  const double* r = table + row * ROW;
+  const double* r = table + row * L::SEGMENT_COLS;
   const double start = r[0];
   const int kind = static_cast<int>(r[1]);
   const double* p = r + 2;
   double t = k - start;
   switch (kind) {
-    case CONST:
+    case L::K_CONST:
       return p[0];
-    case STEP:
+    case L::K_STEP:
       return pow(p[1], floor(t / p[0]));
-    case EXP:
+    case L::K_EXP:
       return pow(p[0], t);
-    case LINEAR:
+    case L::K_LINEAR:
       return p[0] + (p[1] - p[0]) * py_min(t, p[2]) / p[2];
-    case POLY:
+    case L::K_POLY:
       return p[2] + (1.0 - p[2]) * pow(1.0 - py_min(t, p[0]) / p[0], p[1]);
-    case COSINE:
+    case L::K_COSINE:
       return cosine_factor(p[1], py_min(t, p[0]), p[0]);
-    case COSINE_RESTARTS: {
+    case L::K_COSINE_RESTARTS: {
       double length = p[0];
       if (p[1] == 1.0) {
         t = fmod(t, length);
@@ -75,7 +84,7 @@ FLR_HD double eval_table(const double* table, double k) {
       }
       return cosine_factor(p[2], t, length);
     }
-    case CYCLIC: {
+    case L::K_CYCLIC: {
       const double size = p[1] + p[2];
       const double ratio = p[1] / size;
       const double cycle = floor(1.0 + t / size);
@@ -85,7 +94,7 @@ FLR_HD double eval_table(const double* table, double k) {
       const double amp = mode == 0 ? 1.0 : (mode == 1 ? pow(0.5, cycle - 1.0) : pow(p[4], t));
       return 1.0 + (p[0] - 1.0) * scale * amp;
     }
-    case ONECYCLE: {
+    case L::K_ONECYCLE: {
       t = py_min(t, p[0] - 1.0);
       const double up_end = p[1] * p[0] - 1.0;
       const double low = 1.0 / p[2], fin = 1.0 / (p[2] * p[3]);
@@ -98,87 +107,198 @@ FLR_HD double eval_table(const double* table, double k) {
       if (p[4] == 0.0) return b + (a - b) / 2.0 * (cos(PI * pct) + 1.0);
       return (b - a) * pct + a;
     }
-    case INVTIME:
+    case L::K_INVTIME:
       return pow(1.0 + p[0] * t / p[1], -p[2]);
-    case INVSQRT:
+    case L::K_INVSQRT:
       return t < p[0] ? t / p[0] : sqrt(p[0] / t);
-    case POWERLAW:
+    case L::K_POWERLAW:
       return pow(p[0], pow(py_min(t, p[2]) / p[2], p[1]));
     default:
       return NAN;
   }
 }
 
-// ---------------------------------------------------------------------------- per-group hyper-parameters
-// One row of float64 per param group, written by cuda_backend.py.
-enum HyperCol : int { H_KERNEL_LR = 0, H_MOMENTUM, H_DAMPENING, H_WEIGHT_DECAY, H_FLAGS, HYPER_COLS = 8 };
-enum GroupFlag : int { G_NESTEROV = 1, G_DECOUPLED = 2, G_MAXIMIZE = 4 };
-
-// Optimizer-wide settings of one step (kernel arguments).
-struct StepArgs {
-  double max_norm;     // used when has_norm
-  double clip_value;   // used when has_clip_value
-  bool has_norm;       // global-norm clipping on: a norm pointer is given
-  bool norm_is_double;
-  bool has_clip_value;
-};
-
-// Everything one tensor's elements need, in the math type M (float for f32/bf16/fp16).
-template <typename M>
-struct Coefs {
-  M inv_scale;  // 1/grad_scale as GradScaler.unscale_ rounds it, 1 without a scaler
-  M clip_value;
-  M coef;       // global-norm clip coefficient
-  M decay_mul;  // decoupled decay factor 1 - lr*wd
-  M wd;
-  M momentum;
-  M one_minus_damp;
-  M neg_lr;
-  bool maximize, has_clip_value, has_coef, decoupled, coupled, has_momentum, init_buf, nesterov;
-};
-
+// ---------------------------------------------------------------------------- step-wide scalars
 // GradScaler's reciprocal: computed in float64, then rounded to float32.
 FLR_HD float unscale_factor(float grad_scale) { return static_cast<float>(1.0 / static_cast<double>(grad_scale)); }
 
-// clip_grad_norm_'s coefficient in the norm's dtype N: (1/(N + 1e-6)) * C, clamped at 1
+FLR_HD float inv_scale_of(const float* grad_scale) {
+  return grad_scale == nullptr ? 1.0f : unscale_factor(*grad_scale);
+}
+
+// clip_grad_norm_'s coefficient in the norm's dtype N: (1/(N + NORM_EPS)) * C, clamped at 1
 // (torch evaluates C / tensor as reciprocal times C); NaN passes through as in torch.clamp.
 template <typename N>
 FLR_HD N clip_coef(N norm, double max_norm) {
-  const N c = (N(1) / (norm + N(1e-6))) * N(max_norm);
+  const N c = (N(1) / (norm + N(L::NORM_EPS))) * N(max_norm);
   return c > N(1) ? N(1) : c;
 }
 
-// Per-tensor coefficients. hyper: the group's row; table: its schedule table; k: the tensor's
-// step count; fresh: its momentum buffer was just created; inv_scale: unscale_factor(..) or 1;
-// norm: the global norm (read as double; rounded back to float when norm_is_double is false).
+// ---------------------------------------------------------------------------- prepare
+// What the prepare stage reads (device addresses in the kernels, host ones in the twin).
+struct PrepareArgs {
+  const int64_t* table;   // (n_tensors, TENSOR_COLS)
+  int64_t n_tensors;
+  const double* hyper;    // (G, HYPER_COLS)
+  const double* sched;    // (G, MAX_SEGMENTS, SEGMENT_COLS)
+  const int64_t* lr32;    // (G,): address of the group's float32 lr tensor, 0 for none
+  const int64_t* lr64;    // (G,): likewise for float64 lr tensors
+  const float* clocks;    // (G,): each group's schedule position k
+  const void* norm;       // the global gradient norm; null when global-norm clipping is off
+  bool norm_is_double;
+  double max_norm;
+  const float* grad_scale;  // null without a GradScaler
+  const float* found_inf;   // null: the step is never skipped
+  double* scratch;          // (n_tensors + 1, COEF_COLS), written here
+};
+
+// Scratch row t: tensor t's scalars for this step; row n_tensors: the step-wide ones. Reads the
+// clocks and step counts without changing them (the increment stage advances them once every
+// update has run).
+FLR_HD void prepare_row(const PrepareArgs& a, int64_t t) {
+  double* out = a.scratch + t * L::COEF_COLS;
+  if (t == a.n_tensors) {
+    double coef = 1.0;
+    if (a.norm != nullptr) {
+      coef = a.norm_is_double ? clip_coef<double>(*static_cast<const double*>(a.norm), a.max_norm)
+                              : static_cast<double>(clip_coef<float>(*static_cast<const float*>(a.norm), a.max_norm));
+    }
+    out[L::W_CLIP_COEF] = coef;
+    out[L::W_INV_SCALE] = static_cast<double>(inv_scale_of(a.grad_scale));
+    out[L::W_GO] = a.found_inf != nullptr && *a.found_inf != 0.0f ? 0.0 : 1.0;
+    return;
+  }
+  const int64_t* row = a.table + t * L::TENSOR_COLS;
+  const int64_t g = row[L::T_GROUP];
+  const double* h = a.hyper + g * L::HYPER_COLS;
+  double base = h[L::H_LR];  // the kernel lr: base lr x host scale, or the host scale of a tensor lr
+  if (a.lr32[g] != 0) base *= static_cast<double>(*reinterpret_cast<const float*>(a.lr32[g]));
+  if (a.lr64[g] != 0) base *= *reinterpret_cast<const double*>(a.lr64[g]);
+  const double lr = base * eval_table(a.sched + g * L::MAX_SEGMENTS * L::SEGMENT_COLS,
+                                      static_cast<double>(a.clocks[g]));
+  out[L::C_LR] = lr;
+  out[L::C_DECAY] = 1.0 - lr * h[L::H_WEIGHT_DECAY];
+  out[L::C_INIT] = *reinterpret_cast<const float*>(row[L::T_STEP]) == 0.0f ? 1.0 : 0.0;
+  // SGD's coefficients do not depend on the step: its hyper columns as they are
+  for (int j = 0; j < L::RULE_COLS; ++j) out[L::C_C0 + j] = h[L::H_R0 + j];
+}
+
+// After every update of the step (stream order): tensor i's step count and group i's clock + 1,
+// unless the step was skipped.
+FLR_HD void increment_row(const int64_t* table, int64_t n_tensors, float* clocks, int64_t n_groups,
+                          const double* scratch, int64_t i) {
+  if (scratch[n_tensors * L::COEF_COLS + L::W_GO] == 0.0) return;
+  if (i < n_tensors) *reinterpret_cast<float*>(table[i * L::TENSOR_COLS + L::T_STEP]) += 1.0f;
+  if (i < n_groups) clocks[i] += 1.0f;
+}
+
+// ---------------------------------------------------------------------------- blocks
+// Block `block` (numbered across every dtype bucket) covers elements [begin, end) of row `row`:
+// chunk (block - first chunk of the row) of CHUNK elements. `blocks` maps blocks to rows (built
+// on the host once per plan), so no thread searches for its tensor.
+struct Range {
+  int64_t row, begin, end;
+};
+
+FLR_HD Range block_range(const int64_t* table, const int32_t* blocks, int64_t block, int64_t chunk) {
+  Range r;
+  r.row = blocks[block];
+  const int64_t* row = table + r.row * L::TENSOR_COLS;
+  r.begin = (block - row[L::T_FIRST_CHUNK]) * chunk;
+  const int64_t stop = r.begin + chunk;
+  r.end = stop < row[L::T_NUMEL] ? stop : row[L::T_NUMEL];
+  return r;
+}
+
+// 16 bytes of T: one vector load or store where the row's addresses are 16-byte aligned.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int size = 16 / sizeof(T);
+  T v[size];
+};
+
+// 16-byte loads and stores as global-memory instructions (the table's addresses are generic
+// pointers to the compiler); L2-cached only: each element is touched once per step.
+template <typename T>
+FLR_HD Pack<T> load_pack(const Pack<T>* p) {
+#if defined(__CUDA_ARCH__)
+  const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
+  Pack<T> out;
+  memcpy(&out, &raw, sizeof out);
+  return out;
+#else
+  return *p;
+#endif
+}
+
+template <typename T>
+FLR_HD void store_pack(Pack<T>* p, const Pack<T>& v) {
+#if defined(__CUDA_ARCH__)
+  uint4 raw;
+  memcpy(&raw, &v, sizeof raw);
+  __stcg(reinterpret_cast<uint4*>(p), raw);
+#else
+  *p = v;
+#endif
+}
+
+// Math type of an element type: float for float32/bfloat16/float16, double for float64.
+template <typename T> struct MathOf { using type = float; };
+template <> struct MathOf<double> { using type = double; };
+
+// Independent 16-byte loads in flight per array and thread: two for 4- and 8-byte types; one for
+// 2-byte types, whose eight elements a pack widens to float already fill the registers.
+template <typename T>
+struct Unroll {
+  static constexpr int value = sizeof(T) >= 4 ? 2 : 1;
+};
+
+// ---------------------------------------------------------------------------- per element
+// Everything one tensor's elements need, in the math type M, rounded as torch rounds a Python
+// scalar for a tensor of that dtype.
 template <typename M>
-FLR_HD Coefs<M> make_coefs(const double* hyper, const double* table, float k, bool fresh, float inv_scale,
-                           double norm, const StepArgs& s) {
-  Coefs<M> c;
-  const int flags = static_cast<int>(hyper[H_FLAGS]);
-  const double lr = hyper[H_KERNEL_LR] * eval_table(table, static_cast<double>(k));
-  const double wd = hyper[H_WEIGHT_DECAY], mom = hyper[H_MOMENTUM];
-  c.inv_scale = M(inv_scale);
-  c.maximize = (flags & G_MAXIMIZE) != 0;
-  c.has_clip_value = s.has_clip_value;
-  c.clip_value = M(s.clip_value);
-  c.has_coef = s.has_norm;
-  c.coef = s.norm_is_double ? M(clip_coef<double>(norm, s.max_norm))
-                            : M(clip_coef<float>(static_cast<float>(norm), s.max_norm));
-  c.decoupled = wd != 0.0 && (flags & G_DECOUPLED) != 0;
-  c.coupled = wd != 0.0 && (flags & G_DECOUPLED) == 0;
-  c.decay_mul = M(1.0 - lr * wd);
-  c.wd = M(wd);
-  c.has_momentum = mom != 0.0;
-  c.init_buf = k == 0.0f || fresh;
-  c.nesterov = (flags & G_NESTEROV) != 0;
-  c.momentum = M(mom);
-  c.one_minus_damp = M(1.0 - hyper[H_DAMPENING]);
-  c.neg_lr = M(-lr);
+struct Coefs {
+  M inv_scale, clip_value, coef, decay_mul, wd, momentum, one_minus_damp, neg_lr;
+  bool maximize, has_clip_value, decoupled, coupled, has_momentum, init_buf, nesterov;
+};
+
+// What the norm pass needs: unscale and value clipping (maximize flips a sign, and value clipping
+// is symmetric: neither changes a square).
+template <typename M>
+FLR_HD Coefs<M> norm_coefs(const float* grad_scale, bool has_clip_value, double clip_value) {
+  Coefs<M> c{};
+  c.inv_scale = M(inv_scale_of(grad_scale));
+  c.has_clip_value = has_clip_value;
+  c.clip_value = M(clip_value);
   return c;
 }
 
-// SPEC steps 0-2: unscale, maximize, value clipping (NaN passes through, as torch.clamp).
+// A tensor's coefficients for SGD from its scratch row, the step-wide row and its group's hyper row.
+template <typename M>
+FLR_HD Coefs<M> sgd_coefs(const double* coef_row, const double* wide, const double* hyper_row, bool has_clip_value,
+                          double clip_value) {
+  Coefs<M> c;
+  const int flags = static_cast<int>(hyper_row[L::H_FLAGS]);
+  const double wd = hyper_row[L::H_WEIGHT_DECAY], mom = coef_row[L::C_C0];
+  c.inv_scale = M(wide[L::W_INV_SCALE]);
+  c.maximize = (flags & L::F_MAXIMIZE) != 0;
+  c.has_clip_value = has_clip_value;
+  c.clip_value = M(clip_value);
+  c.coef = M(wide[L::W_CLIP_COEF]);
+  c.decoupled = wd != 0.0 && (flags & L::F_DECOUPLED) != 0;
+  c.coupled = wd != 0.0 && (flags & L::F_DECOUPLED) == 0;
+  c.decay_mul = M(coef_row[L::C_DECAY]);
+  c.wd = M(wd);
+  c.has_momentum = mom != 0.0;
+  c.init_buf = coef_row[L::C_INIT] != 0.0;
+  c.nesterov = (flags & L::F_NESTEROV) != 0;
+  c.momentum = M(mom);
+  c.one_minus_damp = M(coef_row[L::C_C0 + 1]);
+  c.neg_lr = M(-coef_row[L::C_LR]);
+  return c;
+}
+
+// docs/step.md steps 0-2: unscale, maximize, value clipping (NaN passes through, as torch.clamp).
 template <typename M>
 FLR_HD M processed_grad(M g, const Coefs<M>& c) {
   g = g * c.inv_scale;
@@ -187,11 +307,11 @@ FLR_HD M processed_grad(M g, const Coefs<M>& c) {
   return g;
 }
 
-// SPEC steps 0-7 for one element: updates p and (with momentum) buf in place.
+// docs/step.md steps 0-7 for one element with the SGD rule: updates p and (with momentum) buf.
+// The clip coefficient is 1 when global-norm clipping is off (a multiplication by 1 is exact).
 template <typename M>
-FLR_HD void update_element(M& p, M g, M& buf, const Coefs<M>& c) {
-  g = processed_grad(g, c);
-  if (c.has_coef) g = g * c.coef;
+FLR_HD void sgd_element(M& p, M g, M& buf, const Coefs<M>& c) {
+  g = processed_grad(g, c) * c.coef;
   if (c.decoupled) p = p * c.decay_mul;
   if (c.coupled) g = g + c.wd * p;
   M d = g;
@@ -202,28 +322,145 @@ FLR_HD void update_element(M& p, M g, M& buf, const Coefs<M>& c) {
   p = p + c.neg_lr * d;
 }
 
-// ---------------------------------------------------------------------------- tensor table and chunks
-// One int64 row per tensor, written by cuda_backend.py. Tensor i owns the consecutive chunks
-// [first_chunk(i), first_chunk(i) + ceil(numel/chunk_size)); every chunk is one thread block.
-enum TableCol : int { T_PARAM = 0, T_GRAD, T_BUF, T_STEP, T_NUMEL, T_FIRST_CHUNK, T_GROUP, T_FRESH, TABLE_COLS = 8 };
+// ---------------------------------------------------------------------------- per thread
+// Thread `tid` of `threads` takes elements tid, tid + threads, ... of [begin, end): in 16-byte
+// packs when `aligned` (a chunk starts on a pack boundary, as CHUNK is a multiple of every
+// pack size), then one by one for the tail that does not fill a pack.
 
-// The tensor owning `chunk`: the last row with first_chunk <= chunk. Empty tensors share their
-// first_chunk with the next row, so the search passes over them.
-FLR_HD int locate_tensor(const int64_t* table, int n_tensors, int64_t chunk) {
-  int lo = 0, hi = n_tensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table[static_cast<int64_t>(mid) * TABLE_COLS + T_FIRST_CHUNK] <= chunk) lo = mid;
-    else hi = mid - 1;
+// Sum of squares of the processed gradients this thread takes, in float64.
+template <typename T>
+FLR_HD double norm_thread(const T* __restrict__ g, int64_t begin, int64_t end, bool aligned, int tid, int threads,
+                          const Coefs<typename MathOf<T>::type>& c) {
+  using M = typename MathOf<T>::type;
+  using P = Pack<T>;
+  constexpr int UNROLL = Unroll<T>::value;
+  double acc = 0.0;
+  int64_t tail = begin;
+  if (aligned) {
+    const int64_t n = (end - begin) / P::size;
+    const P* gp = reinterpret_cast<const P*>(g + begin);
+    for (int64_t k0 = tid; k0 < n; k0 += int64_t{threads} * UNROLL) {
+      P gv[UNROLL];
+      FLR_UNROLL
+      for (int u = 0; u < UNROLL; ++u) {
+        if (k0 + u * threads < n) gv[u] = load_pack(gp + k0 + u * threads);
+      }
+      FLR_UNROLL
+      for (int u = 0; u < UNROLL; ++u) {
+        if (k0 + u * threads >= n) continue;
+        FLR_UNROLL
+        for (int j = 0; j < P::size; ++j) {
+          const double x = static_cast<double>(processed_grad(static_cast<M>(gv[u].v[j]), c));
+          acc += x * x;
+        }
+      }
+    }
+    tail = begin + n * P::size;
   }
-  return lo;
+  for (int64_t i = tail + tid; i < end; i += threads) {
+    const double x = static_cast<double>(processed_grad(static_cast<M>(g[i]), c));
+    acc += x * x;
+  }
+  return acc;
 }
 
-// Element range [begin, end) of `chunk` within the tensor at `row`.
-FLR_HD void chunk_range(const int64_t* row, int64_t chunk, int64_t chunk_size, int64_t* begin, int64_t* end) {
-  *begin = (chunk - row[T_FIRST_CHUNK]) * chunk_size;
-  const int64_t stop = *begin + chunk_size;
-  *end = stop < row[T_NUMEL] ? stop : row[T_NUMEL];
+// One element of the update through T's memory: read, sgd_element in M, write back.
+template <typename T>
+FLR_HD void sgd_stored(T& p, T g, T& b, const Coefs<typename MathOf<T>::type>& c) {
+  using M = typename MathOf<T>::type;
+  M pm = static_cast<M>(p);
+  M bm = c.has_momentum && !c.init_buf ? static_cast<M>(b) : M(0);
+  sgd_element(pm, static_cast<M>(g), bm, c);
+  p = T(pm);
+  if (c.has_momentum) b = T(bm);
+}
+
+// The SGD update of the elements this thread takes (b: the momentum buffer, unused without momentum).
+template <typename T>
+FLR_HD void sgd_thread(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ b, int64_t begin, int64_t end,
+                       bool aligned, int tid, int threads, const Coefs<typename MathOf<T>::type>& c) {
+  using P = Pack<T>;
+  constexpr int UNROLL = Unroll<T>::value;
+  const bool read_b = c.has_momentum && !c.init_buf;  // a first use overwrites the buffer unread
+  int64_t tail = begin;
+  if (aligned) {
+    const int64_t n = (end - begin) / P::size;
+    P* pp = reinterpret_cast<P*>(p + begin);
+    const P* gp = reinterpret_cast<const P*>(g + begin);
+    P* bp = c.has_momentum ? reinterpret_cast<P*>(b + begin) : nullptr;
+    for (int64_t k0 = tid; k0 < n; k0 += int64_t{threads} * UNROLL) {
+      P pv[UNROLL], gv[UNROLL], bv[UNROLL] = {};
+      FLR_UNROLL
+      for (int u = 0; u < UNROLL; ++u) {
+        const int64_t k = k0 + u * threads;
+        if (k >= n) continue;
+        pv[u] = load_pack(pp + k);
+        gv[u] = load_pack(gp + k);
+        if (read_b) bv[u] = load_pack(bp + k);
+      }
+      FLR_UNROLL
+      for (int u = 0; u < UNROLL; ++u) {
+        const int64_t k = k0 + u * threads;
+        if (k >= n) continue;
+        FLR_UNROLL
+        for (int j = 0; j < P::size; ++j) sgd_stored(pv[u].v[j], gv[u].v[j], bv[u].v[j], c);
+        store_pack(pp + k, pv[u]);
+        if (c.has_momentum) store_pack(bp + k, bv[u]);
+      }
+    }
+    tail = begin + n * P::size;
+  }
+  T unused{};
+  for (int64_t i = tail + tid; i < end; i += threads) sgd_stored(p[i], g[i], c.has_momentum ? b[i] : unused, c);
+}
+
+
+// ---------------------------------------------------------------------------- per block
+// Everything one thread of a kernel block does, so the kernels and the host twin run the same
+// code: the kernel calls these with its thread index, the twin with every index in turn.
+
+// What the norm pass reads.
+struct NormArgs {
+  const int64_t* table;
+  const int32_t* blocks;
+  const float* grad_scale;  // null without a GradScaler
+  bool has_clip_value;
+  double clip_value;
+};
+
+// Thread tid's sum of squares for block `block` (the block then sums its threads').
+template <typename T>
+FLR_HD double norm_block(const NormArgs& a, int64_t block, int64_t chunk, int tid, int threads) {
+  const Range r = block_range(a.table, a.blocks, block, chunk);
+  const int64_t* row = a.table + r.row * L::TENSOR_COLS;
+  const auto c = norm_coefs<typename MathOf<T>::type>(a.grad_scale, a.has_clip_value, a.clip_value);
+  return norm_thread(reinterpret_cast<const T*>(row[L::T_GRAD]), r.begin, r.end, row[L::T_ALIGNED] != 0, tid,
+                     threads, c);
+}
+
+// What the update reads: the prepare stage's scratch instead of any schedule math.
+struct UpdateArgs {
+  const int64_t* table;
+  const int32_t* blocks;
+  int64_t n_tensors;
+  const double* hyper;
+  const double* scratch;
+  bool has_clip_value;
+  double clip_value;
+};
+
+// Thread tid's share of block `block` of the SGD update.
+template <typename T>
+FLR_HD void sgd_block(const UpdateArgs& a, int64_t block, int64_t chunk, int tid, int threads) {
+  const double* wide = a.scratch + a.n_tensors * L::COEF_COLS;
+  if (wide[L::W_GO] == 0.0) return;  // found_inf: the step changes nothing
+  const Range r = block_range(a.table, a.blocks, block, chunk);
+  const int64_t* row = a.table + r.row * L::TENSOR_COLS;
+  const auto c = sgd_coefs<typename MathOf<T>::type>(a.scratch + r.row * L::COEF_COLS, wide,
+                                                      a.hyper + row[L::T_GROUP] * L::HYPER_COLS, a.has_clip_value,
+                                                      a.clip_value);
+  sgd_thread(reinterpret_cast<T*>(row[L::T_PARAM]), reinterpret_cast<const T*>(row[L::T_GRAD]),
+             reinterpret_cast<T*>(row[L::T_STATE0]), r.begin, r.end, row[L::T_ALIGNED] != 0, tid, threads, c);
 }
 
 }  // namespace flr

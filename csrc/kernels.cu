@@ -1,39 +1,25 @@
-// The fused step's kernels: multi-tensor apply over a device table of tensors (one thread block
-// per chunk, so one launch covers every tensor of a dtype), a deterministic global L2 norm, the
-// fused update, and the step-counter increment. No host synchronisation anywhere: every
-// per-step value (norm, grad_scale, found_inf, step counts) is read on the device, so a step
-// can be captured in a CUDA graph.
+// The fused step's kernels over a plan's device tables (fused_lr_layout.h): the gradient norm
+// (per-block partial sums, then one block sums them in a fixed order: the same result every run),
+// prepare (a thread per tensor computes its scalars once per step into a scratch table), the
+// update (a block per chunk of CUDA_CHUNK elements, 16-byte loads where the row is aligned, no
+// schedule math), and the increment of step counts and group clocks. Every per-step value (norm,
+// grad_scale, found_inf, clocks, step counts, tensor lrs) is read on the device, so a step never
+// synchronises and can be captured in a CUDA graph.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <string>
 
-#include "fused_lr_math.h"
 #include "launch.h"
 
 namespace flr {
 namespace {
 
-constexpr int BLOCK = 512;
-constexpr int ILP = 4;  // independent loads in flight per thread
-
-template <typename T> struct MathType { using type = float; };
-template <> struct MathType<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ typename MathType<T>::type load(const T* p) { return *p; }
-template <> __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-template <> __device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-template <typename T> __device__ __forceinline__ void store(T* p, typename MathType<T>::type v) { *p = v; }
-template <> __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-template <> __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ bool skipped(const float* found_inf) { return found_inf != nullptr && *found_inf != 0.0f; }
-
-__device__ __forceinline__ float inv_scale_of(const float* grad_scale) {
-  return grad_scale == nullptr ? 1.0f : unscale_factor(*grad_scale);
-}
+constexpr int BLOCK = static_cast<int>(L::CUDA_BLOCK);
+constexpr int64_t CHUNK = L::CUDA_CHUNK;
+constexpr int SMALL_BLOCK = 256;  // prepare and increment: a thread per tensor or group
+static_assert(BLOCK % 32 == 0 && BLOCK / 32 <= 32, "block_sum sums at most 32 warps");
 
 // Sum of v over the block, in a fixed order (same result on every run), valid in thread 0.
 __device__ double block_sum(double v) {
@@ -49,43 +35,16 @@ __device__ double block_sum(double v) {
   return v;
 }
 
-// The coefficients the norm pass needs: unscale and value clipping (maximize is a sign flip
-// and value clipping is symmetric, so neither changes a square).
-template <typename M>
-__device__ Coefs<M> norm_coefs(float inv_scale, const StepArgs& s) {
-  Coefs<M> c{};
-  c.inv_scale = M(inv_scale);
-  c.has_clip_value = s.has_clip_value;
-  c.clip_value = M(s.clip_value);
-  return c;
-}
-
-// Block b writes the sum of squares of chunk b's processed gradients to partials[b].
 template <typename T>
-__global__ void __launch_bounds__(BLOCK)
-norm_partials_kernel(const int64_t* table, int n_tensors, int64_t chunk_size, const float* grad_scale,
-                     StepArgs s, double* partials) {
-  using M = typename MathType<T>::type;
-  const int64_t chunk = blockIdx.x;
-  const int64_t* row = table + static_cast<int64_t>(locate_tensor(table, n_tensors, chunk)) * TABLE_COLS;
-  int64_t begin, end;
-  chunk_range(row, chunk, chunk_size, &begin, &end);
-  const T* g = reinterpret_cast<const T*>(row[T_GRAD]);
-  const Coefs<M> c = norm_coefs<M>(inv_scale_of(grad_scale), s);
-  double acc = 0.0;
-  // unrolled so several loads are in flight; the order of the additions is unchanged
-#pragma unroll ILP
-  for (int64_t i = begin + threadIdx.x; i < end; i += BLOCK) {
-    const double x = static_cast<double>(processed_grad(load(g + i), c));
-    acc += x * x;
-  }
-  acc = block_sum(acc);
-  if (threadIdx.x == 0) partials[chunk] = acc;
+__global__ void __launch_bounds__(BLOCK) norm_kernel(NormArgs a, int64_t first_block, double* partials) {
+  const int64_t block = first_block + blockIdx.x;
+  const double acc = block_sum(norm_block<T>(a, block, CHUNK, threadIdx.x, BLOCK));
+  if (threadIdx.x == 0) partials[block] = acc;
 }
 
 // One block: the square root of the sum of all partials, in a fixed order, into *norm.
-__global__ void __launch_bounds__(BLOCK)
-norm_finish_kernel(const double* partials, int64_t n, void* norm, bool norm_is_double) {
+__global__ void __launch_bounds__(BLOCK) norm_finish_kernel(const double* partials, int64_t n, void* norm,
+                                                            bool norm_is_double) {
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += BLOCK) acc += partials[i];
   acc = block_sum(acc);
@@ -96,78 +55,73 @@ norm_finish_kernel(const double* partials, int64_t n, void* norm, bool norm_is_d
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(BLOCK)
-update_kernel(const int64_t* table, int n_tensors, int64_t chunk_size, const double* sched, const double* hyper,
-              const void* norm, const float* grad_scale, const float* found_inf, StepArgs s) {
-  using M = typename MathType<T>::type;
-  if (skipped(found_inf)) return;
-  const int64_t chunk = blockIdx.x;
-  const int64_t* row = table + static_cast<int64_t>(locate_tensor(table, n_tensors, chunk)) * TABLE_COLS;
-  int64_t begin, end;
-  chunk_range(row, chunk, chunk_size, &begin, &end);
-
-  // The schedule costs a few pow/cos in float64: evaluate it once per block, not per thread.
-  __shared__ Coefs<M> shared_coefs;
-  if (threadIdx.x == 0) {
-    const int64_t group = row[T_GROUP];
-    double n = 0.0;
-    if (s.has_norm) n = s.norm_is_double ? *static_cast<const double*>(norm) : *static_cast<const float*>(norm);
-    const float k = *reinterpret_cast<const float*>(row[T_STEP]);
-    shared_coefs = make_coefs<M>(hyper + group * HYPER_COLS, sched + group * MAX_SEGMENTS * ROW, k,
-                                 row[T_FRESH] != 0, inv_scale_of(grad_scale), n, s);
-  }
-  __syncthreads();
-  const Coefs<M> c = shared_coefs;
-
-  T* p = reinterpret_cast<T*>(row[T_PARAM]);
-  const T* g = reinterpret_cast<const T*>(row[T_GRAD]);
-  T* b = reinterpret_cast<T*>(row[T_BUF]);  // null without momentum
-  for (int64_t base = begin + threadIdx.x; base < end; base += static_cast<int64_t>(BLOCK) * ILP) {
-    M pv[ILP], gv[ILP], bv[ILP];
-#pragma unroll
-    for (int j = 0; j < ILP; ++j) {
-      const int64_t i = base + j * BLOCK;
-      if (i < end) {
-        pv[j] = load(p + i);
-        gv[j] = load(g + i);
-        bv[j] = c.has_momentum && !c.init_buf ? load(b + i) : M(0);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < ILP; ++j) {
-      const int64_t i = base + j * BLOCK;
-      if (i < end) {
-        update_element(pv[j], gv[j], bv[j], c);
-        store(p + i, pv[j]);
-        if (c.has_momentum) store(b + i, bv[j]);
-      }
-    }
-  }
+__global__ void __launch_bounds__(SMALL_BLOCK) prepare_kernel(PrepareArgs a) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * SMALL_BLOCK + threadIdx.x;
+  if (t <= a.n_tensors) prepare_row(a, t);
 }
 
-// After the update (stream order): every block of a tensor has read the old count by then.
-__global__ void increment_steps_kernel(const int64_t* table, int n_tensors, const float* found_inf) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n_tensors || skipped(found_inf)) return;
-  *reinterpret_cast<float*>(table[static_cast<int64_t>(i) * TABLE_COLS + T_STEP]) += 1.0f;
+template <typename T>
+__global__ void __launch_bounds__(BLOCK, 2) sgd_kernel(UpdateArgs a, int64_t first_block) {
+  sgd_block<T>(a, first_block + blockIdx.x, CHUNK, threadIdx.x, BLOCK);
+}
+
+__global__ void __launch_bounds__(SMALL_BLOCK) increment_kernel(const int64_t* table, int64_t n_tensors,
+                                                                float* clocks, int64_t n_groups,
+                                                                const double* scratch) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * SMALL_BLOCK + threadIdx.x;
+  increment_row(table, n_tensors, clocks, n_groups, scratch, i);
+}
+
+std::string cuda_error(const char* what, cudaError_t err) {
+  return std::string(what) + ": " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err);
 }
 
 std::string check(const char* what) {
   const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return {};
-  return std::string(what) + ": " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err);
+  return err == cudaSuccess ? std::string() : cuda_error(what, err);
 }
 
-template <typename F>
-std::string dispatch(int dtype, F&& f) {
-  switch (dtype) {
-    case DT_FLOAT32: f(float{}); return {};
-    case DT_FLOAT64: f(double{}); return {};
-    case DT_FLOAT16: f(__half{}); return {};
-    case DT_BFLOAT16: f(__nv_bfloat16{}); return {};
-    default: return "unsupported dtype code " + std::to_string(dtype);
+// Makes `device` current for the launches (device < 0: leave it) and restores the caller's
+// device, which torch shares (both runtimes use the device's primary context).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (device < 0) return;
+    cudaError_t err = cudaGetDevice(&previous_);
+    if (err == cudaSuccess && previous_ != device) err = cudaSetDevice(device);
+    else previous_ = -1;
+    if (err != cudaSuccess) error_ = cuda_error("cudaSetDevice", err);
   }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+  const std::string& error() const { return error_; }
+
+ private:
+  int previous_ = -1;
+  std::string error_;
+};
+
+// dtype: a code check_buckets accepted.
+template <typename F>
+void dispatch(int dtype, F&& f) {
+  switch (dtype) {
+    case DT_FLOAT32: f(float{}); break;
+    case DT_FLOAT64: f(double{}); break;
+    case DT_FLOAT16: f(__half{}); break;
+    default: f(__nv_bfloat16{}); break;
+  }
+}
+
+unsigned grid_for(int64_t n) { return static_cast<unsigned>((n + SMALL_BLOCK - 1) / SMALL_BLOCK); }
+
+// Checked before the first launch, so a bad bucket leaves the step undone rather than half done.
+std::string check_buckets(const std::vector<Bucket>& buckets) {
+  for (const Bucket& b : buckets) {
+    if (b.dtype < 0 || b.dtype >= DT_COUNT) return "unsupported dtype code " + std::to_string(b.dtype);
+    if (b.n_blocks < 0 || b.n_blocks >= (int64_t{1} << 31)) return "bad block count " + std::to_string(b.n_blocks);
+  }
+  return {};
 }
 
 }  // namespace
@@ -176,49 +130,47 @@ std::string device_count(int* count) {
   const cudaError_t err = cudaGetDeviceCount(count);
   if (err == cudaSuccess) return {};
   *count = 0;
-  return std::string("cudaGetDeviceCount: ") + cudaGetErrorName(err) + ": " + cudaGetErrorString(err);
+  return cuda_error("cudaGetDeviceCount", err);
 }
 
-std::string set_device(int device) {
-  const cudaError_t err = cudaSetDevice(device);
-  if (err == cudaSuccess) return {};
-  return std::string("cudaSetDevice: ") + cudaGetErrorName(err) + ": " + cudaGetErrorString(err);
-}
-
-std::string launch_norm_partials(int dtype, const TensorTable& t, const float* grad_scale, const StepArgs& s,
-                                 double* partials, void* stream) {
-  if (t.n_chunks == 0) return {};
+std::string launch_norm(const NormLaunch& n, int device, void* stream) {
+  std::string bad = check_buckets(n.buckets);
+  if (!bad.empty()) return bad;
+  const DeviceGuard guard(device);
+  if (!guard.error().empty()) return guard.error();
   const auto st = static_cast<cudaStream_t>(stream);
-  std::string err = dispatch(dtype, [&](auto tag) {
-    norm_partials_kernel<decltype(tag)>
-        <<<t.n_chunks, BLOCK, 0, st>>>(t.table, t.n_tensors, t.chunk_size, grad_scale, s, partials);
-  });
-  return err.empty() ? check("norm_partials_kernel") : err;
+  for (const Bucket& b : n.buckets) {
+    if (b.n_blocks == 0) continue;
+    dispatch(b.dtype, [&](auto tag) {
+      norm_kernel<decltype(tag)><<<static_cast<unsigned>(b.n_blocks), BLOCK, 0, st>>>(n.args, b.first_block,
+                                                                                     n.partials);
+    });
+  }
+  norm_finish_kernel<<<1, BLOCK, 0, st>>>(n.partials, n.n_blocks, n.norm, n.norm_is_double);
+  return check("norm kernels");
 }
 
-std::string launch_norm_finish(const double* partials, int64_t n, void* norm, bool norm_is_double, void* stream) {
-  norm_finish_kernel<<<1, BLOCK, 0, static_cast<cudaStream_t>(stream)>>>(partials, n, norm, norm_is_double);
-  return check("norm_finish_kernel");
-}
-
-std::string launch_update(int dtype, const TensorTable& t, const double* sched, const double* hyper,
-                          const void* norm, const float* grad_scale, const float* found_inf, const StepArgs& s,
-                          void* stream) {
-  if (t.n_chunks == 0) return {};
+std::string launch_step(const StepLaunch& s, int device, void* stream) {
+  if (s.rule != L::RULE_SGD) return "unsupported rule code " + std::to_string(s.rule);
+  std::string bad = check_buckets(s.buckets);
+  if (!bad.empty()) return bad;
+  const DeviceGuard guard(device);
+  if (!guard.error().empty()) return guard.error();
   const auto st = static_cast<cudaStream_t>(stream);
-  std::string err = dispatch(dtype, [&](auto tag) {
-    update_kernel<decltype(tag)><<<t.n_chunks, BLOCK, 0, st>>>(t.table, t.n_tensors, t.chunk_size, sched, hyper,
-                                                                norm, grad_scale, found_inf, s);
-  });
-  return err.empty() ? check("update_kernel") : err;
-}
-
-std::string launch_increment_steps(const int64_t* table, int n_tensors, const float* found_inf, void* stream) {
-  if (n_tensors == 0) return {};
-  constexpr int threads = 256;
-  increment_steps_kernel<<<(n_tensors + threads - 1) / threads, threads, 0, static_cast<cudaStream_t>(stream)>>>(
-      table, n_tensors, found_inf);
-  return check("increment_steps_kernel");
+  const int64_t n_tensors = s.prepare.n_tensors;
+  prepare_kernel<<<grid_for(n_tensors + 1), SMALL_BLOCK, 0, st>>>(s.prepare);
+  for (const Bucket& b : s.buckets) {
+    if (b.n_blocks == 0) continue;
+    dispatch(b.dtype, [&](auto tag) {
+      sgd_kernel<decltype(tag)><<<static_cast<unsigned>(b.n_blocks), BLOCK, 0, st>>>(s.update, b.first_block);
+    });
+  }
+  const int64_t rows = n_tensors > s.n_groups ? n_tensors : s.n_groups;
+  if (rows > 0) {
+    increment_kernel<<<grid_for(rows), SMALL_BLOCK, 0, st>>>(s.prepare.table, n_tensors, s.clocks, s.n_groups,
+                                                             s.prepare.scratch);
+  }
+  return check("step kernels");
 }
 
 }  // namespace flr

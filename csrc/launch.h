@@ -1,35 +1,54 @@
 // The host-side entry points of kernels.cu. Plain C++ types only (streams as void*), so that
-// bindings.cpp compiles without CUDA headers. Each returns an empty string on success, else
-// the CUDA error; none of them synchronises.
+// bindings.cpp and the host twin (csrc/tests/host_launch.cpp) compile without CUDA headers.
+// Each launch returns an empty string on success, else the error; none of them synchronises.
 #pragma once
 
 #include <stdint.h>
 
 #include <string>
+#include <vector>
 
 #include "fused_lr_math.h"
 
 namespace flr {
 
-// dtype codes shared with fused_lr/cuda_backend.py
-enum DType : int { DT_FLOAT32 = 0, DT_FLOAT64 = 1, DT_FLOAT16 = 2, DT_BFLOAT16 = 3 };
+// Element types of the kernels; fused_lr._cuda exports them by torch name (DTYPES).
+enum DType : int { DT_FLOAT32 = 0, DT_FLOAT64, DT_FLOAT16, DT_BFLOAT16, DT_COUNT };
+constexpr const char* DTYPE_NAMES[DT_COUNT] = {"float32", "float64", "float16", "bfloat16"};
 
-// A device table of tensors of one dtype (rows: TableCol) and its chunking.
-struct TensorTable {
-  const int64_t* table;
-  int n_tensors;
-  int64_t n_chunks;
-  int64_t chunk_size;
+// One dtype bucket's launch: blocks [first_block, first_block + n_blocks) of the plan, all of
+// one element type.
+struct Bucket {
+  int dtype;
+  int64_t first_block;
+  int64_t n_blocks;
+};
+
+// The gradient norm: per bucket a block per chunk writes partials[block]; one block sums them
+// all into *norm (float32 or float64).
+struct NormLaunch {
+  NormArgs args;
+  std::vector<Bucket> buckets;
+  int64_t n_blocks;  // of every bucket together: the partials to sum
+  double* partials;
+  void* norm;
+  bool norm_is_double;
+};
+
+// The update: prepare (a thread per tensor), the rule's update per bucket, then the increment of
+// step counts and clocks. The launches share prepare.scratch, in stream order.
+struct StepLaunch {
+  int rule;
+  PrepareArgs prepare;
+  UpdateArgs update;
+  std::vector<Bucket> buckets;
+  float* clocks;  // prepare.clocks, advanced by the increment
+  int64_t n_groups;
 };
 
 std::string device_count(int* count);
-std::string set_device(int device);
-std::string launch_norm_partials(int dtype, const TensorTable& t, const float* grad_scale, const StepArgs& s,
-                                 double* partials, void* stream);
-std::string launch_norm_finish(const double* partials, int64_t n, void* norm, bool norm_is_double, void* stream);
-std::string launch_update(int dtype, const TensorTable& t, const double* sched, const double* hyper,
-                          const void* norm, const float* grad_scale, const float* found_inf, const StepArgs& s,
-                          void* stream);
-std::string launch_increment_steps(const int64_t* table, int n_tensors, const float* found_inf, void* stream);
+// `device` < 0: launch on the current device; else on that device, restored afterwards.
+std::string launch_norm(const NormLaunch& n, int device, void* stream);
+std::string launch_step(const StepLaunch& s, int device, void* stream);
 
 }  // namespace flr

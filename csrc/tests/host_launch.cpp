@@ -1,119 +1,128 @@
-// A host twin of the launches in kernels.cu, for tests/test_cuda_host.py: the same arguments as
-// fused_lr._cuda (C ABI, loaded with ctypes), the same chunk walk (one "block" per chunk,
-// locate_tensor + chunk_range) and the same per-element functions of fused_lr_math.h, run
-// sequentially on CPU memory. It lets CI drive cuda_backend.CudaBackend end to end (tables,
-// offsets, buckets, pointers) without a GPU. float32 and float64 only.
-#include <math.h>
+// A host twin of the launches in kernels.cu, for tests/test_cuda_host.py: fused_lr._cuda's norm and
+// step behind a C ABI (loaded with ctypes), running the kernels' own per-thread functions of
+// fused_lr_math.h (prepare_row, norm_block, sgd_block, increment_row) for every block and thread
+// in turn on CPU memory, and summing a block's threads in the order kernels.cu's block_sum does.
+// It lets CI drive fused_lr.backends.cuda.CudaBackend end to end (tables, blocks, buckets,
+// scratch, alignment paths) without a GPU. The chunk and block sizes are arguments here, so tests
+// can make tensors span many blocks and threads loop; float32 and float64 only.
 #include <stdint.h>
 
-#include "../fused_lr_math.h"
+#include <vector>
+
+#include "../launch.h"
 
 namespace {
 
-enum { DT_FLOAT32 = 0, DT_FLOAT64 = 1 };  // csrc/launch.h
-
-struct Chunk {
-  const int64_t* row;
-  int64_t begin, end;
-};
-
-Chunk chunk_of(const int64_t* table, int n_tensors, int64_t chunk, int64_t chunk_size) {
-  Chunk c;
-  c.row = table + static_cast<int64_t>(flr::locate_tensor(table, n_tensors, chunk)) * flr::TABLE_COLS;
-  flr::chunk_range(c.row, chunk, chunk_size, &c.begin, &c.end);
-  return c;
-}
-
-float inv_scale_of(const float* grad_scale) { return grad_scale ? flr::unscale_factor(*grad_scale) : 1.0f; }
-
-template <typename T>
-void norm_partials(const int64_t* table, int n_tensors, int64_t n_chunks, int64_t chunk_size,
-                   const float* grad_scale, const flr::StepArgs& s, double* partials) {
-  flr::Coefs<T> c{};
-  c.inv_scale = T(inv_scale_of(grad_scale));
-  c.has_clip_value = s.has_clip_value;
-  c.clip_value = T(s.clip_value);
-  for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
-    const Chunk ch = chunk_of(table, n_tensors, chunk, chunk_size);
-    const T* g = reinterpret_cast<const T*>(ch.row[flr::T_GRAD]);
-    double acc = 0.0;
-    for (int64_t i = ch.begin; i < ch.end; ++i) {
-      const double x = flr::processed_grad(g[i], c);
-      acc += x * x;
-    }
-    partials[chunk] = acc;
+// kernels.cu's block_sum: each warp's 32 values by shuffle-down halving, then the warps' sums
+// likewise (zeros past the last warp), as lane 0 sees them.
+double warp_sum(double* lanes) {
+  for (int off = 16; off > 0; off /= 2) {
+    for (int l = 0; l < off; ++l) lanes[l] += lanes[l + off];
   }
+  return lanes[0];
 }
 
-template <typename T>
-void update(const int64_t* table, int n_tensors, int64_t n_chunks, int64_t chunk_size, const double* sched,
-            const double* hyper, const void* norm, const float* grad_scale, const flr::StepArgs& s) {
-  for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
-    const Chunk ch = chunk_of(table, n_tensors, chunk, chunk_size);
-    const int64_t group = ch.row[flr::T_GROUP];
-    double n = 0.0;
-    if (s.has_norm) n = s.norm_is_double ? *static_cast<const double*>(norm) : *static_cast<const float*>(norm);
-    const float k = *reinterpret_cast<const float*>(ch.row[flr::T_STEP]);
-    const auto c = flr::make_coefs<T>(hyper + group * flr::HYPER_COLS, sched + group * flr::MAX_SEGMENTS * flr::ROW,
-                                      k, ch.row[flr::T_FRESH] != 0, inv_scale_of(grad_scale), n, s);
-    T* p = reinterpret_cast<T*>(ch.row[flr::T_PARAM]);
-    const T* g = reinterpret_cast<const T*>(ch.row[flr::T_GRAD]);
-    T* b = reinterpret_cast<T*>(ch.row[flr::T_BUF]);
-    for (int64_t i = ch.begin; i < ch.end; ++i) {
-      T bv = c.has_momentum && !c.init_buf ? b[i] : T(0);
-      flr::update_element(p[i], g[i], bv, c);
-      if (c.has_momentum) b[i] = bv;
-    }
+double block_sum(std::vector<double> v) {
+  v.resize((v.size() + 31) / 32 * 32, 0.0);
+  std::vector<double> warps(32, 0.0);
+  for (size_t w = 0; w < v.size() / 32; ++w) warps[w] = warp_sum(&v[32 * w]);
+  return warp_sum(warps.data());
+}
+
+template <typename F>
+bool dispatch(int dtype, F&& f) {
+  if (dtype == flr::DT_FLOAT32) f(float{});
+  else if (dtype == flr::DT_FLOAT64) f(double{});
+  else return false;
+  return true;
+}
+
+std::vector<flr::Bucket> buckets(const int* dtypes, const int64_t* first_blocks, const int64_t* n_blocks, int n) {
+  std::vector<flr::Bucket> out;
+  for (int i = 0; i < n; ++i) out.push_back({dtypes[i], first_blocks[i], n_blocks[i]});
+  return out;
+}
+
+// launch_norm of kernels.cu
+int norm(const flr::NormLaunch& n, int64_t chunk, int threads) {
+  for (const flr::Bucket& b : n.buckets) {
+    const bool known = dispatch(b.dtype, [&](auto tag) {
+      for (int64_t block = b.first_block; block < b.first_block + b.n_blocks; ++block) {
+        std::vector<double> acc(threads);
+        for (int tid = 0; tid < threads; ++tid) acc[tid] = flr::norm_block<decltype(tag)>(n.args, block, chunk, tid, threads);
+        n.partials[block] = block_sum(acc);
+      }
+    });
+    if (!known) return -1;
   }
+  std::vector<double> acc(threads, 0.0);
+  for (int tid = 0; tid < threads; ++tid) {
+    for (int64_t i = tid; i < n.n_blocks; i += threads) acc[tid] += n.partials[i];
+  }
+  const double r = sqrt(block_sum(acc));
+  if (n.norm_is_double) *static_cast<double*>(n.norm) = r;
+  else *static_cast<float*>(n.norm) = static_cast<float>(r);
+  return 0;
 }
 
-flr::StepArgs args(int has_norm, double max_norm, int norm_is_double, int has_clip_value, double clip_value) {
-  flr::StepArgs s;
-  s.has_norm = has_norm != 0;
-  s.max_norm = max_norm;
-  s.norm_is_double = norm_is_double != 0;
-  s.has_clip_value = has_clip_value != 0;
-  s.clip_value = clip_value;
-  return s;
+// launch_step of kernels.cu
+int step(const flr::StepLaunch& s, int64_t chunk, int threads) {
+  if (s.rule != flr::L::RULE_SGD) return -2;
+  for (const flr::Bucket& b : s.buckets) {
+    if (b.dtype != flr::DT_FLOAT32 && b.dtype != flr::DT_FLOAT64) return -1;
+  }
+  for (int64_t t = 0; t <= s.prepare.n_tensors; ++t) flr::prepare_row(s.prepare, t);
+  for (const flr::Bucket& b : s.buckets) {
+    dispatch(b.dtype, [&](auto tag) {
+      for (int64_t block = b.first_block; block < b.first_block + b.n_blocks; ++block) {
+        for (int tid = 0; tid < threads; ++tid) flr::sgd_block<decltype(tag)>(s.update, block, chunk, tid, threads);
+      }
+    });
+  }
+  const int64_t rows = s.prepare.n_tensors > s.n_groups ? s.prepare.n_tensors : s.n_groups;
+  for (int64_t i = 0; i < rows; ++i)
+    flr::increment_row(s.prepare.table, s.prepare.n_tensors, s.clocks, s.n_groups, s.prepare.scratch, i);
+  return 0;
 }
 
 }  // namespace
 
 extern "C" {
 
-// Each returns 0, or -1 for a dtype the twin does not handle.
-int flr_norm_partials(int dtype, const int64_t* table, int n_tensors, int64_t n_chunks, int64_t chunk_size,
-                      const float* grad_scale, int has_clip_value, double clip_value, double* partials) {
-  const auto s = args(0, 0.0, 0, has_clip_value, clip_value);
-  if (dtype == DT_FLOAT32) norm_partials<float>(table, n_tensors, n_chunks, chunk_size, grad_scale, s, partials);
-  else if (dtype == DT_FLOAT64) norm_partials<double>(table, n_tensors, n_chunks, chunk_size, grad_scale, s, partials);
-  else return -1;
-  return 0;
+// The torch name of a dtype code (fused_lr._cuda's DTYPES), null past the last.
+const char* flr_dtype_name(int code) { return code >= 0 && code < flr::DT_COUNT ? flr::DTYPE_NAMES[code] : nullptr; }
+
+// fused_lr._cuda.norm without device and stream, plus the chunk and block sizes. Returns 0, or
+// -1 for a dtype the twin does not handle.
+int flr_norm(const int64_t* table, const int32_t* blocks, const int* dtypes, const int64_t* first_blocks,
+             const int64_t* n_blocks, int n_buckets, int64_t total_blocks, const float* grad_scale, int has_clip_value,
+             double clip_value, double* partials, void* norm_out, int norm_is_double, int64_t chunk, int threads) {
+  flr::NormLaunch n;
+  n.args = {table, blocks, grad_scale, has_clip_value != 0, clip_value};
+  n.buckets = buckets(dtypes, first_blocks, n_blocks, n_buckets);
+  n.n_blocks = total_blocks;
+  n.partials = partials;
+  n.norm = norm_out;
+  n.norm_is_double = norm_is_double != 0;
+  return norm(n, chunk, threads);
 }
 
-int flr_norm_finish(const double* partials, int64_t n, void* norm, int norm_is_double) {
-  double acc = 0.0;
-  for (int64_t i = 0; i < n; ++i) acc += partials[i];
-  if (norm_is_double) *static_cast<double*>(norm) = sqrt(acc);
-  else *static_cast<float*>(norm) = static_cast<float>(sqrt(acc));
-  return 0;
-}
-
-int flr_update(int dtype, const int64_t* table, int n_tensors, int64_t n_chunks, int64_t chunk_size,
-               const double* sched, const double* hyper, const void* norm, int norm_is_double, double max_norm,
-               int has_clip_value, double clip_value, const float* grad_scale, const float* found_inf) {
-  if (found_inf && *found_inf != 0.0f) return 0;
-  const auto s = args(norm != nullptr, max_norm, norm_is_double, has_clip_value, clip_value);
-  if (dtype == DT_FLOAT32) update<float>(table, n_tensors, n_chunks, chunk_size, sched, hyper, norm, grad_scale, s);
-  else if (dtype == DT_FLOAT64) update<double>(table, n_tensors, n_chunks, chunk_size, sched, hyper, norm, grad_scale, s);
-  else return -1;
-  return 0;
-}
-
-int flr_increment_steps(const int64_t* table, int n_tensors, const float* found_inf) {
-  if (found_inf && *found_inf != 0.0f) return 0;
-  for (int i = 0; i < n_tensors; ++i) *reinterpret_cast<float*>(table[i * flr::TABLE_COLS + flr::T_STEP]) += 1.0f;
-  return 0;
+// fused_lr._cuda.step likewise. Returns 0, -1 for a dtype the twin does not handle, -2 for an
+// unknown rule.
+int flr_step(int rule, const int64_t* table, const int32_t* blocks, int64_t n_tensors, const int* dtypes,
+             const int64_t* first_blocks, const int64_t* n_blocks, int n_buckets, const double* hyper,
+             const double* sched, const int64_t* lr32, const int64_t* lr64, float* clocks, int64_t n_groups,
+             double* scratch, const void* norm_in, int norm_is_double, double max_norm, const float* grad_scale,
+             const float* found_inf, int has_clip_value, double clip_value, int64_t chunk, int threads) {
+  flr::StepLaunch s;
+  s.rule = rule;
+  s.prepare = {table, n_tensors, hyper, sched, lr32, lr64, clocks, norm_in, norm_is_double != 0, max_norm, grad_scale,
+               found_inf, scratch};
+  s.update = {table, blocks, n_tensors, hyper, scratch, has_clip_value != 0, clip_value};
+  s.buckets = buckets(dtypes, first_blocks, n_blocks, n_buckets);
+  s.clocks = clocks;
+  s.n_groups = n_groups;
+  return step(s, chunk, threads);
 }
 
 }  // extern "C"

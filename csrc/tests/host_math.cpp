@@ -2,13 +2,16 @@
 // compiler, feeds it cases on stdin and checks the answers against the Python reference.
 // One command per line, numbers separated by blanks; one line of output per command.
 //
-//   table  T[128] n k[n]                         -> eval_table(T, k) for each k
-//   update f32|f64 H[8] T[128] k fresh has_scale grad_scale has_norm norm norm_is_double max_norm
-//          has_clip clip n (p g b)[n]            -> (p' b')[n] after update_element
-//   norm   f32|f64 has_scale grad_scale maximize has_clip clip n g[n]
-//                                                -> sqrt(sum of processed_grad(g)^2), summed in double
-//   chunks chunk_size n (numel first_chunk)[n] total
-//                                                -> (tensor begin end) for chunks 0 .. total-1
+//   table  S[MAX_SEGMENTS*SEGMENT_COLS] n k[n]     -> eval_table(S, k) for each k
+//   update f32|f64 H[HYPER_COLS] S[...] clock step lr_kind lr has_scale scale has_norm norm norm_is_double
+//          max_norm has_clip clip n (p g b)[n]   -> (p' b')[n]: one tensor through prepare_row and
+//                                                   sgd_block (one thread, so every element passes
+//                                                   the same code; lr_kind 0: float lr, 1: float32
+//                                                   tensor lr, 2: float64 tensor lr)
+//   norm   f32|f64 has_scale scale has_clip clip n g[n]
+//                                                -> sqrt of norm_block's sum over one block
+//   blocks chunk n (numel first_chunk)[n] total row[total]
+//                                                -> (row begin end) of block_range for each block
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -18,6 +21,8 @@
 #include <vector>
 
 #include "../fused_lr_math.h"
+
+namespace L = flr::layout;
 
 namespace {
 
@@ -36,64 +41,88 @@ double read1(std::istream& in) { return read(in, 1)[0]; }
 
 void print(double x) { printf("%.17g ", x); }
 
-template <typename M>
+int64_t address(const void* p) { return static_cast<int64_t>(reinterpret_cast<intptr_t>(p)); }
+
+template <typename T>
 void update(std::istream& in) {
-  const auto hyper = read(in, flr::HYPER_COLS);
-  const auto table = read(in, flr::MAX_SEGMENTS * flr::ROW);
-  const float k = static_cast<float>(read1(in));
-  const bool fresh = read1(in) != 0;
+  auto hyper = read(in, L::HYPER_COLS);
+  auto sched = read(in, L::MAX_SEGMENTS * L::SEGMENT_COLS);
+  const float clock = static_cast<float>(read1(in));
+  const float step = static_cast<float>(read1(in));
+  const int lr_kind = static_cast<int>(read1(in));
+  const double lr = read1(in);
   const bool has_scale = read1(in) != 0;
   const float grad_scale = static_cast<float>(read1(in));
-  flr::StepArgs s{};
-  s.has_norm = read1(in) != 0;
+  const bool has_norm = read1(in) != 0;
   const double norm = read1(in);
-  s.norm_is_double = read1(in) != 0;
-  s.max_norm = read1(in);
-  s.has_clip_value = read1(in) != 0;
-  s.clip_value = read1(in);
-  const float inv_scale = has_scale ? flr::unscale_factor(grad_scale) : 1.0f;
-  const auto c = flr::make_coefs<M>(hyper.data(), table.data(), k, fresh, inv_scale, norm, s);
-  const auto n = static_cast<size_t>(read1(in));
-  for (size_t i = 0; i < n; ++i) {
-    M p = static_cast<M>(read1(in)), g = static_cast<M>(read1(in)), b = static_cast<M>(read1(in));
-    flr::update_element(p, g, b, c);
-    print(p);
-    print(b);
+  const bool norm_is_double = read1(in) != 0;
+  const double max_norm = read1(in);
+  const bool has_clip = read1(in) != 0;
+  const double clip = read1(in);
+  const auto n = static_cast<int64_t>(read1(in));
+  std::vector<T> p(n), g(n), b(n);
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = static_cast<T>(read1(in));
+    g[i] = static_cast<T>(read1(in));
+    b[i] = static_cast<T>(read1(in));
+  }
+  const float lr32 = static_cast<float>(lr), norm32 = static_cast<float>(norm);
+  const int64_t lr32_at = lr_kind == 1 ? address(&lr32) : 0, lr64_at = lr_kind == 2 ? address(&lr) : 0;
+  int64_t row[L::TENSOR_COLS] = {};
+  row[L::T_PARAM] = address(p.data());
+  row[L::T_GRAD] = address(g.data());
+  row[L::T_STATE0] = hyper[L::H_R0] != 0.0 ? address(b.data()) : 0;
+  row[L::T_STEP] = address(&step);
+  row[L::T_NUMEL] = n;
+  row[L::T_ALIGNED] = row[L::T_PARAM] % 16 == 0 && row[L::T_GRAD] % 16 == 0 && row[L::T_STATE0] % 16 == 0;
+  double scratch[2 * L::COEF_COLS];
+  const flr::PrepareArgs a = {row, 1, hyper.data(), sched.data(), &lr32_at, &lr64_at, &clock,
+                              has_norm ? (norm_is_double ? static_cast<const void*>(&norm) : &norm32) : nullptr,
+                              norm_is_double, max_norm, has_scale ? &grad_scale : nullptr, nullptr, scratch};
+  flr::prepare_row(a, 0);
+  flr::prepare_row(a, 1);
+  const int32_t blocks[1] = {0};
+  const flr::UpdateArgs u = {row, blocks, 1, hyper.data(), scratch, has_clip, clip};
+  flr::sgd_block<T>(u, 0, n > 0 ? n : 1, 0, 1);
+  for (int64_t i = 0; i < n; ++i) {
+    print(p[i]);
+    print(b[i]);
   }
 }
 
-template <typename M>
+template <typename T>
 void norm(std::istream& in) {
   const bool has_scale = read1(in) != 0;
   const float grad_scale = static_cast<float>(read1(in));
-  flr::Coefs<M> c{};
-  c.inv_scale = M(has_scale ? flr::unscale_factor(grad_scale) : 1.0f);
-  c.maximize = read1(in) != 0;
-  c.has_clip_value = read1(in) != 0;
-  c.clip_value = M(read1(in));
-  const auto n = static_cast<size_t>(read1(in));
-  double acc = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    const double x = flr::processed_grad(static_cast<M>(read1(in)), c);
-    acc += x * x;
-  }
-  print(sqrt(acc));
+  const bool has_clip = read1(in) != 0;
+  const double clip = read1(in);
+  const auto n = static_cast<int64_t>(read1(in));
+  std::vector<T> g(n);
+  for (auto& x : g) x = static_cast<T>(read1(in));
+  int64_t row[L::TENSOR_COLS] = {};
+  row[L::T_GRAD] = address(g.data());
+  row[L::T_NUMEL] = n;
+  row[L::T_ALIGNED] = row[L::T_GRAD] % 16 == 0;
+  const int32_t blocks[1] = {0};
+  const flr::NormArgs a = {row, blocks, has_scale ? &grad_scale : nullptr, has_clip, clip};
+  print(sqrt(flr::norm_block<T>(a, 0, n > 0 ? n : 1, 0, 1)));
 }
 
-void chunks(std::istream& in) {
-  const auto chunk_size = static_cast<int64_t>(read1(in));
-  const auto n = static_cast<int>(read1(in));
-  std::vector<int64_t> table(static_cast<size_t>(n) * flr::TABLE_COLS, 0);
-  for (int i = 0; i < n; ++i) {
-    table[i * flr::TABLE_COLS + flr::T_NUMEL] = static_cast<int64_t>(read1(in));
-    table[i * flr::TABLE_COLS + flr::T_FIRST_CHUNK] = static_cast<int64_t>(read1(in));
+void blocks(std::istream& in) {
+  const auto chunk = static_cast<int64_t>(read1(in));
+  const auto n = static_cast<int64_t>(read1(in));
+  std::vector<int64_t> table(n * L::TENSOR_COLS, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    table[i * L::TENSOR_COLS + L::T_NUMEL] = static_cast<int64_t>(read1(in));
+    table[i * L::TENSOR_COLS + L::T_FIRST_CHUNK] = static_cast<int64_t>(read1(in));
   }
   const auto total = static_cast<int64_t>(read1(in));
-  for (int64_t chunk = 0; chunk < total; ++chunk) {
-    const int t = flr::locate_tensor(table.data(), n, chunk);
-    int64_t begin, end;
-    flr::chunk_range(table.data() + t * flr::TABLE_COLS, chunk, chunk_size, &begin, &end);
-    printf("%d %lld %lld ", t, static_cast<long long>(begin), static_cast<long long>(end));
+  std::vector<int32_t> rows(total);
+  for (auto& r : rows) r = static_cast<int32_t>(read1(in));
+  for (int64_t block = 0; block < total; ++block) {
+    const flr::Range r = flr::block_range(table.data(), rows.data(), block, chunk);
+    printf("%lld %lld %lld ", static_cast<long long>(r.row), static_cast<long long>(r.begin),
+           static_cast<long long>(r.end));
   }
 }
 
@@ -106,7 +135,7 @@ int main() {
     std::string cmd;
     in >> cmd;
     if (cmd == "table") {
-      const auto table = read(in, flr::MAX_SEGMENTS * flr::ROW);
+      const auto table = read(in, L::MAX_SEGMENTS * L::SEGMENT_COLS);
       const auto n = static_cast<size_t>(read1(in));
       for (double k : read(in, n)) print(flr::eval_table(table.data(), k));
     } else if (cmd == "update" || cmd == "norm") {
@@ -115,8 +144,8 @@ int main() {
       const bool f64 = dtype == "f64";
       if (cmd == "update") f64 ? update<double>(in) : update<float>(in);
       else f64 ? norm<double>(in) : norm<float>(in);
-    } else if (cmd == "chunks") {
-      chunks(in);
+    } else if (cmd == "blocks") {
+      blocks(in);
     } else {
       fprintf(stderr, "unknown command %s\n", cmd.c_str());
       return 2;
