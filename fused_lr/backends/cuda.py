@@ -1,161 +1,93 @@
 """The CUDA C++ backend: the kernels of csrc/ (module ``fused_lr._cuda``) driven from torch.
 
 The extension knows nothing of torch: it takes raw device addresses and the current stream as
-integers. This side lays the tensors out in device tables (int64 rows, see ``csrc/fused_lr_math.h``)
-once and reuses them while no tensor moves, so a step is a handful of launches with no host
-synchronisation: the norm, grad_scale, found_inf and every step count are read on the device.
+integers. A step is at most two calls into it, with no host synchronisation:
+
+* ``norm`` (global-norm clipping or ``error_if_nonfinite``): per dtype bucket, a block per chunk of
+  ``CUDA_CHUNK`` elements writes the sum of squares of its processed gradients; one block sums
+  them, in a fixed order, into the norm;
+* ``step``: ``prepare`` (a thread per tensor) writes this step's scalars to a scratch table: lr
+  from the group's clock and schedule (times a tensor lr, read on the device), the decoupled
+  decay factor, the momentum buffer's first use, and the step-wide clip coefficient,
+  1/grad_scale and found_inf; ``update`` (per bucket, a block per chunk) applies docs/step.md
+  steps 0-7 with 16-byte loads where the row is aligned; ``increment`` then advances every step
+  count and group clock unless found_inf is set.
+
+The device tables follow the plan (layout: fused_lr/core/layout.py). They are built once per plan
+(``rebuilds`` counts it); the tensor table is re-uploaded, into the same buffer, only when the
+plan's gradient or state addresses moved, and the group tables only when the settings changed.
+Uploads go from a fresh pinned tensor without blocking: torch's caching host allocator keeps each
+one until its copy has run.
+
+CUDA graphs: a step captured in a graph must not need an upload (it would record a copy from host
+memory), so one that would raises, saying to run eager steps first. Every table a captured step
+read is kept, unmodified, for the backend's life: a later change (new gradients, a new lr, a new
+plan) writes fresh buffers instead, so the graph never reads freed or rewritten tables.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fused_lr.backends import BackendUnavailable
-from fused_lr.core.plan import GroupPlan, StepPlan
+from fused_lr.core import layout as L
+from fused_lr.core.plan import Plan, Settings, StepScalars
 
-# Elements per thread block. 64 Ki elements of 512 threads: ResNet-50's 25.6 M parameters
-# make ~500 blocks, about one resident wave on an A100/H100.
-CHUNK_SIZE = 1 << 16
-
-# Mirrors of csrc/fused_lr_math.h and csrc/launch.h.
-TABLE_COLS = 8
-PARAM, GRAD, BUF, STEP, NUMEL, FIRST_CHUNK, GROUP, FRESH = range(TABLE_COLS)
-HYPER_COLS = 8
-KERNEL_LR, MOMENTUM, DAMPENING, WEIGHT_DECAY, FLAGS = range(5)
-NESTEROV, DECOUPLED, MAXIMIZE = 1, 2, 4
-DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+CHUNK = L.SIZES["CUDA_CHUNK"]  # elements per block of the norm and update kernels
 
 _UNBUILT = Path(__file__).parent.parent / "_cuda_unbuilt.txt"
 _ext = None  # fused_lr._cuda once load() succeeded
+_CONSTANT = re.compile(r"constexpr [\w ]+? (\w+) = ([^;]+);")
 
 
-def chunk_layout(numels: list[int], chunk_size: int) -> tuple[list[int], int]:
-    """Each tensor's first chunk (block) and the number of chunks: tensor i owns the chunks
-    ``first[i] .. first[i] + ceil(numels[i] / chunk_size) - 1``."""
-    first, total = [], 0
-    for n in numels:
-        first.append(total)
-        total += -(-n // chunk_size)
-    return first, total
+def layout_constants(header: str) -> dict[str, str]:
+    """``name -> value`` of every constant of a layout header (fused_lr.core.layout.c_header)."""
+    return dict(_CONSTANT.findall(header))
 
 
-def group_row(group: GroupPlan) -> list[float]:
-    """A group's hyper-parameter row (HYPER_COLS float64 values)."""
-    row = [0.0] * HYPER_COLS
-    row[KERNEL_LR], row[MOMENTUM], row[DAMPENING] = group.kernel_lr, group.momentum, group.dampening
-    row[WEIGHT_DECAY] = group.weight_decay
-    row[FLAGS] = float((NESTEROV if group.nesterov else 0) | (DECOUPLED if group.decoupled_weight_decay else 0)
-                       | (MAXIMIZE if group.maximize else 0))
-    return row
+def layout_mismatch(module) -> str | None:
+    """How the layout ``module`` was compiled with differs from fused_lr/core/layout.py, or None."""
+    built = layout_constants(getattr(module, "LAYOUT_HEADER", ""))
+    wanted = layout_constants(L.c_header())
+    diffs = [f"{name} = {built.get(name, 'missing')} there, {value} in layout.py"
+             for name, value in wanted.items() if built.get(name) != value]
+    diffs += [f"{name} = {built[name]} there, absent from layout.py" for name in built.keys() - wanted.keys()]
+    if not diffs:
+        return None
+    more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+    return "; ".join(diffs[:3]) + more
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the kernels address element i at data_ptr + i."""
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _upload(array: np.ndarray, device: torch.device, into: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(device copy, pinned source): an asynchronous copy, so no host sync. The source is kept
-    by the caller, since a copy captured in a CUDA graph reads it again at every replay. With
-    ``into`` of the same shape the copy goes there, so addresses that kernels (or a captured
-    graph) use stay valid. (On a CPU device, where the host tests run, no pinning.)"""
-    host = torch.from_numpy(array)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    if into is not None and into.shape == host.shape:
-        return into.copy_(host, non_blocking=True), host
-    return host.to(device, non_blocking=True), host
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-@dataclass
-class _Bucket:
-    """The tensors of one dtype: a slice of the table, one launch."""
-
-    dtype: int
-    first_row: int
-    n_tensors: int
-    n_chunks: int
-    first_partial: int  # where its blocks write their partial sums
-
-
-class _Layout:
-    """The device table of one step's tensors, grouped by dtype."""
-
-    def __init__(self, plan: StepPlan, with_state: bool):
-        entries = []  # (dtype, group index, i, param, grad) in table order
-        for gi, group in enumerate(plan.groups):
-            for i, (p, g) in enumerate(zip(group.params, group.grads, strict=True)):
-                if p.dtype not in DTYPES:
-                    raise RuntimeError(f"cuda backend: param group {gi}, parameter {i} has dtype {p.dtype}; "
-                                       f"supported are {sorted(map(str, DTYPES))}")
-                entries.append((DTYPES[p.dtype], gi, i, p, g))
-        entries.sort(key=lambda e: e[0])  # stable: table order within a dtype is plan order
-        rows = np.zeros((len(entries), TABLE_COLS), dtype=np.int64)
-        self.buckets: list[_Bucket] = []
-        for r, (dtype, gi, i, p, g) in enumerate(entries):
-            group = plan.groups[gi]
-            tensors = [p, g]
-            rows[r, PARAM], rows[r, GRAD], rows[r, NUMEL], rows[r, GROUP] = p.data_ptr(), g.data_ptr(), p.numel(), gi
-            if with_state:
-                rows[r, STEP] = group.steps[i].data_ptr()
-                if group.momentum != 0:
-                    tensors.append(group.bufs[i])
-                    rows[r, BUF], rows[r, FRESH] = group.bufs[i].data_ptr(), group.fresh[i]
-            if not _dense(p) or any(t.stride() != p.stride() for t in tensors):
-                raise RuntimeError(
-                    f"cuda backend: param group {gi}, parameter {i} (shape {tuple(p.shape)}): the parameter, its "
-                    f"gradient and momentum buffer must be dense with equal strides; got strides "
-                    f"{[t.stride() for t in tensors]}")
-            if not self.buckets or self.buckets[-1].dtype != dtype:
-                self.buckets.append(_Bucket(dtype, r, 0, 0, 0))
-            self.buckets[-1].n_tensors += 1
-        self.chunk_size = CHUNK_SIZE
-        self.n_chunks = 0
-        for b in self.buckets:
-            first, b.n_chunks = chunk_layout(rows[b.first_row:b.first_row + b.n_tensors, NUMEL].tolist(),
-                                             self.chunk_size)
-            rows[b.first_row:b.first_row + b.n_tensors, FIRST_CHUNK] = first
-            if b.n_chunks >= 1 << 31:
-                raise RuntimeError("cuda backend: too many parameters for one launch grid")
-            b.first_partial = self.n_chunks
-            self.n_chunks += b.n_chunks
-        self.n_tensors = len(entries)
-        self.table, self._pinned = _upload(rows, plan.device)
-        # the norm pass's per-block partial sums, one per chunk of every bucket
-        self.partials = None if with_state else torch.empty(max(self.n_chunks, 1), dtype=torch.float64,
-                                                            device=plan.device)
-
-    def row_ptr(self, bucket: _Bucket) -> int:
-        return self.table.data_ptr() + bucket.first_row * TABLE_COLS * self.table.element_size()
-
-    def partials_ptr(self, bucket: _Bucket) -> int:
-        return self.partials.data_ptr() + bucket.first_partial * self.partials.element_size()
+def _stream(device: torch.device) -> int:
+    """The device's current torch stream as the integer handle the kernels are launched on (0 off
+    CUDA, for the host twin)."""
+    if device.type != "cuda":
+        return 0
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
-def _layout_key(plan: StepPlan, with_state: bool) -> tuple:
-    key = [plan.device]
-    for group in plan.groups:
-        key.append(len(group.params))
-        pairs = zip(group.params, group.grads, strict=True)
-        key += [(p.data_ptr(), g.data_ptr(), p.dtype, p.numel()) for p, g in pairs]
-        if with_state:
-            key += [s.data_ptr() for s in group.steps]
-            key += [b.data_ptr() for b in group.bufs]
-            key.append(tuple(group.fresh))
-    return tuple(key)
+def _capture_error(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"fused_lr cuda backend: {what} while a CUDA graph is being captured, and the captured step would "
+        f"replay a copy from host memory. Run two eager steps with the same tensors and settings before "
+        f"capturing, and keep the gradients allocated across the capture (zero_grad(set_to_none=False), or "
+        f"copy into static .grad tensors)")
 
 
-def _float_ptr(t: torch.Tensor | None, device: torch.device, keep: list) -> int:
+def _f32_ptr(t: torch.Tensor | None, device: torch.device, keep: list) -> int:
     """The address of a float32 scalar on ``device`` (0 for None); conversions stay on the device."""
     if t is None:
         return 0
@@ -165,10 +97,107 @@ def _float_ptr(t: torch.Tensor | None, device: torch.device, keep: list) -> int:
     return t.data_ptr()
 
 
-def _stream(device: torch.device) -> int:
-    """The device's current torch stream as the integer handle the kernels are launched on. (The
-    extension selects the device itself, in its own CUDA runtime, from ``device.index``.)"""
-    return torch.cuda.current_stream(device).cuda_stream
+def check_rows(plan: Plan, codes: dict[torch.dtype, int]) -> None:
+    """Every row's parameter, gradient and state tensors have the bucket's dtype, the plan's device
+    and the parameter's shape and strides, and the tensor table holds their addresses: the kernel
+    of a bucket reads every address of its rows as that bucket's element type."""
+    table = plan.table
+    for b in plan.buckets:
+        if b.dtype not in codes:
+            raise RuntimeError(f"fused_lr cuda backend: no kernel for dtype {b.dtype}")
+        for i in range(b.start, b.stop):
+            p = plan.params[i]
+            named = [("parameter", p, L.T_PARAM), ("gradient", plan.grads[i], L.T_GRAD)]
+            if plan.states is not None:
+                named += [(f"state {name!r}", t, L.T_STATE0 + j) for j, (name, t) in enumerate(plan.states[i].items())]
+            for what, t, col in named:
+                if t.dtype != b.dtype or t.device != plan.device or t.shape != p.shape or t.stride() != p.stride():
+                    raise RuntimeError(
+                        f"fused_lr cuda backend: parameter {plan.positions[i]} (in the optimizer's order): its {what} "
+                        f"is {t.dtype} {tuple(t.shape)} with strides {t.stride()} on {t.device}, but the kernel reads "
+                        f"it as {b.dtype} laid out like the parameter ({tuple(p.shape)}, strides {p.stride()}, "
+                        f"{plan.device}); the step was not run")
+                if int(table[i, col]) != t.data_ptr():
+                    raise RuntimeError(f"fused_lr cuda backend: the plan's table does not hold the address of the "
+                                       f"{what} of parameter {plan.positions[i]}; the step was not run")
+            if plan.steps is not None:
+                s = plan.steps[i]
+                if s.dtype != torch.float32 or s.device != plan.device or s.numel() != 1 \
+                        or int(table[i, L.T_STEP]) != s.data_ptr():
+                    raise RuntimeError(f"fused_lr cuda backend: the step count of parameter {plan.positions[i]} must "
+                                       f"be a float32 scalar on {plan.device} at the table's address, got {s.dtype} "
+                                       f"{tuple(s.shape)} on {s.device}")
+
+
+class _Tables:
+    """The device side of one plan: its tensor table, each block's row, the prepare stage's
+    scratch and the norm's partial sums, with the launch description of its dtype buckets."""
+
+    def __init__(self, plan: Plan, codes: dict[torch.dtype, int]):
+        numel = plan.table[:, L.T_NUMEL]
+        per = (numel + CHUNK - 1) // CHUNK
+        first = np.cumsum(per) - per
+        plan.table[:, L.T_FIRST_CHUNK] = first  # the column the plan leaves to CUDA's grid numbering
+        self.n_tensors = len(numel)
+        self.n_blocks = int(per.sum())
+        self.dtypes = tuple(codes[b.dtype] for b in plan.buckets)
+        self.first_blocks = tuple(int(first[b.start]) for b in plan.buckets)
+        self.block_counts = tuple(int(per[b.start:b.stop].sum()) for b in plan.buckets)
+        dev = plan.device
+        self.table = torch.empty((self.n_tensors, L.TENSOR_COLS), dtype=torch.int64, device=dev)
+        self.blocks = torch.empty(self.n_blocks, dtype=torch.int32, device=dev)
+        _upload(np.repeat(np.arange(self.n_tensors, dtype=np.int32), per), self.blocks)
+        self.scratch = torch.empty((self.n_tensors + 1, L.COEF_COLS), dtype=torch.float64, device=dev)
+        self.partials = torch.empty(max(self.n_blocks, 1), dtype=torch.float64, device=dev)
+
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.table, self.blocks, self.scratch, self.partials
+
+
+class _Groups:
+    """The device side of the settings: hyper rows, schedule tables and the addresses of tensor lrs
+    (float32 and float64 ones on the device as they are; any other staged into ``stage`` each step).
+    ``reuse``: (hyper, sched, lrs) buffers of the right shapes to upload into."""
+
+    def __init__(self, plan: Plan, settings: Settings, reuse: tuple[torch.Tensor, ...] | None):
+        dev = plan.device
+        n = len(settings.groups)
+        self.version, self.device, self.n_groups = settings.version, dev, n
+        if reuse is None:
+            reuse = (torch.empty((n, L.HYPER_COLS), dtype=torch.float64, device=dev),
+                     torch.empty((n, L.MAX_SEGMENTS, L.SEGMENT_COLS), dtype=torch.float64, device=dev),
+                     torch.empty((2, n), dtype=torch.int64, device=dev))  # float32 lr addresses, float64 ones
+        self.hyper, self.sched, self.lrs = reuse
+        staged = [gi for gi, t in settings.lr_tensors.items()
+                  if t.device != dev or t.dtype not in (torch.float32, torch.float64)]
+        self.stage = torch.empty(len(staged), dtype=torch.float64, device=dev)
+        self.staged = [(self.stage[j], settings.lr_tensors[gi].reshape(())) for j, gi in enumerate(staged)]
+        # an lr tensor is read at its address, so the address must not move (lr.set_(), lr.data = ...)
+        self.watched = [(t, t.data_ptr()) for t in settings.lr_tensors.values()]
+        lr_rows = np.zeros((2, n), dtype=np.int64)
+        for gi, t in settings.lr_tensors.items():
+            if gi not in staged:
+                lr_rows[int(t.dtype == torch.float64), gi] = t.data_ptr()
+        for j, gi in enumerate(staged):
+            lr_rows[1, gi] = self.stage[j].data_ptr()
+        _upload(settings.hyper, self.hyper)
+        _upload(settings.schedules, self.sched)
+        _upload(lr_rows, self.lrs)
+
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.hyper, self.sched, self.lrs, self.stage
+
+    def moved(self) -> bool:
+        return any(t.data_ptr() != ptr for t, ptr in self.watched)
+
+
+def _upload(array: np.ndarray, out: torch.Tensor) -> None:
+    """``out[...] = array`` without blocking: from a fresh pinned tensor, which torch's caching host
+    allocator keeps until the copy has run (so no in-flight copy's source is ever overwritten)."""
+    host = torch.from_numpy(array)
+    if out.device.type == "cuda":
+        host = host.pin_memory()
+    out.copy_(host.view(out.shape), non_blocking=True)
 
 
 class CudaBackend:
@@ -176,65 +205,123 @@ class CudaBackend:
     devices = frozenset({"cuda"})
 
     def __init__(self):
-        self._layouts: dict[bool, tuple[tuple, _Layout]] = {}
-        self._groups: tuple | None = None  # (key, sched, hyper, pinned sources)
+        self._ext = _ext
+        self._codes = {getattr(torch, name): code for name, code in _ext.DTYPES.items()}
+        self.rebuilds = 0  # device tables built for a new plan (not gradient-address refreshes)
+        self._plan: Plan | None = None
+        self._tables: _Tables | None = None
+        self._versions: tuple[int, int] | None = None  # (grad, state) versions the table holds
+        self._checked: int | None = None  # the state version whose rows check_rows passed
+        self._settings: Settings | None = None
+        self._groups: _Groups | None = None
+        # Buffers a captured CUDA graph reads: kept for the backend's life and never written again
+        # (an upload that would write one writes a fresh buffer instead).
+        self._held: list[torch.Tensor] = []
+        self._held_ids: set[int] = set()
 
-    def _layout(self, plan: StepPlan, with_state: bool) -> _Layout:
-        key = _layout_key(plan, with_state)
-        cached = self._layouts.get(with_state)
-        if cached is None or cached[0] != key:
-            cached = (key, _Layout(plan, with_state))
-            self._layouts[with_state] = cached
-        return cached[1]
+    def unsupported(self, plan: Plan) -> str | None:
+        if plan.rule != L.RULE_SGD:
+            return f"rule code {plan.rule} (the CUDA kernels implement SGD)"
+        bad = [b.dtype for b in plan.buckets if b.dtype not in self._codes]
+        return f"dtype {bad[0]} (the CUDA kernels take {sorted(map(str, self._codes))})" if bad else None
 
-    def _group_tables(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """(schedule tables (G, 16, 8), hyper rows (G, 8)) on the device, uploaded when they change
-        (a new lr from a torch lr_scheduler, ReduceOnPlateau's factor)."""
-        key = (plan.device, *((id(g.schedule), *group_row(g)) for g in plan.groups))
-        if self._groups is None or self._groups[0] != key:
-            sched = np.stack([g.table for g in plan.groups])
-            hyper = np.array([group_row(g) for g in plan.groups], dtype=np.float64)
-            same_device = self._groups is not None and self._groups[0][0] == plan.device
-            old_sched, old_hyper = self._groups[1:3] if same_device else (None, None)
-            sched_dev, sched_host = _upload(sched, plan.device, into=old_sched)
-            hyper_dev, hyper_host = _upload(hyper, plan.device, into=old_hyper)
-            # the schedules are held so their ids in the key stay theirs
-            self._groups = (key, sched_dev, hyper_dev, (sched_host, hyper_host, [g.schedule for g in plan.groups]))
-        return self._groups[1], self._groups[2]
+    # ------------------------------------------------------------------ device tables
+    def _fresh_if_held(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(t) if id(t) in self._held_ids else t
 
-    def grad_norm(self, plan: StepPlan) -> torch.Tensor:
-        lay = self._layout(plan, with_state=False)
+    def _hold(self, buffers) -> None:
+        for t in buffers:
+            if id(t) not in self._held_ids:
+                self._held.append(t)
+                self._held_ids.add(id(t))
+
+    def _tables_for(self, plan: Plan, capturing: bool) -> _Tables:
+        tabs = self._tables
+        if plan is not self._plan:
+            if capturing:
+                raise _capture_error("the set of tensors to step changed (a new plan)")
+            if (reason := self.unsupported(plan)) is not None:
+                raise RuntimeError(f"fused_lr cuda backend: cannot run this plan: {reason}")
+            tabs = self._tables = _Tables(plan, self._codes)
+            self._plan, self._versions, self._checked = plan, None, None
+            self.rebuilds += 1
+        versions = (plan.grad_version, plan.state_version)
+        if versions != self._versions:
+            if capturing:
+                raise _capture_error("gradient or state addresses changed")
+            if plan.state_version != self._checked:
+                check_rows(plan, self._codes)
+                self._checked = plan.state_version
+            plan.refresh_alignment()  # gradients may have moved to addresses of another alignment
+            tabs.table = self._fresh_if_held(tabs.table)
+            _upload(plan.table, tabs.table)
+            self._versions = versions
+        return tabs
+
+    def _groups_for(self, plan: Plan, settings: Settings, capturing: bool) -> _Groups:
+        groups = self._groups
+        if groups is None or settings is not self._settings or settings.version != groups.version \
+                or groups.device != plan.device or groups.moved():
+            if capturing:
+                raise _capture_error("the hyper-parameters, schedules or lr tensors changed")
+            reuse = None
+            if groups is not None and groups.device == plan.device and groups.n_groups == len(settings.groups):
+                # the same buffers, unless a captured graph reads them
+                reuse = tuple(self._fresh_if_held(t) for t in groups.buffers()[:3])
+            groups = self._groups = _Groups(plan, settings, reuse)
+            self._settings = settings
+        if groups.staged:
+            if capturing:
+                raise RuntimeError(f"fused_lr cuda backend: an lr tensor that is not a float32 or float64 tensor on "
+                                   f"{plan.device} cannot be read by a captured step; put it there")
+            for dst, src in groups.staged:
+                dst.copy_(src, non_blocking=True)
+        return groups
+
+    # ------------------------------------------------------------------ the step
+    def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars) -> torch.Tensor:
+        capturing = _capturing(plan.device)
+        tabs = self._tables_for(plan, capturing)
         norm = torch.empty((), dtype=plan.norm_dtype, device=plan.device)
         keep = []
-        grad_scale = _float_ptr(plan.grad_scale, plan.device, keep)
-        clip = plan.clip_value
-        stream = _stream(plan.device)
-        _ext.set_device(plan.device.index)
-        for b in lay.buckets:
-            _ext.norm_partials(b.dtype, lay.row_ptr(b), b.n_tensors, b.n_chunks, lay.chunk_size, grad_scale,
-                               clip is not None, clip or 0.0, lay.partials_ptr(b), stream)
-        _ext.norm_finish(lay.partials.data_ptr(), lay.n_chunks, norm.data_ptr(), norm.dtype == torch.float64, stream)
+        clip = settings.clip_value
+        self._ext.norm(tabs.table.data_ptr(), tabs.blocks.data_ptr(), tabs.dtypes, tabs.first_blocks,
+                       tabs.block_counts, tabs.n_blocks, _f32_ptr(scalars.grad_scale, plan.device, keep),
+                       clip is not None, clip or 0.0, tabs.partials.data_ptr(), norm.data_ptr(),
+                       norm.dtype == torch.float64, _index(plan.device), _stream(plan.device))
+        if capturing:
+            self._hold(tabs.buffers())
         return norm
 
-    def update(self, plan: StepPlan, norm: torch.Tensor | None) -> None:
-        lay = self._layout(plan, with_state=True)
-        sched, hyper = self._group_tables(plan)
-        if norm is not None and (norm.dtype not in (torch.float32, torch.float64) or norm.device != plan.device):
-            raise RuntimeError(f"cuda backend: the norm must be a float32/float64 tensor on {plan.device}, "
+    def update(self, plan: Plan, settings: Settings, clocks: torch.Tensor, scalars: StepScalars,
+               norm: torch.Tensor | None) -> None:
+        dev = plan.device
+        if clocks.dtype != torch.float32 or clocks.device != dev or clocks.numel() != len(settings.groups):
+            raise RuntimeError(f"fused_lr cuda backend: the group clocks must be {len(settings.groups)} float32 values "
+                               f"on {dev}, got {clocks.numel()} {clocks.dtype} on {clocks.device}")
+        if norm is not None and (norm.dtype not in (torch.float32, torch.float64) or norm.device != dev):
+            raise RuntimeError(f"fused_lr cuda backend: the norm must be a float32/float64 tensor on {dev}, "
                                f"got {norm.dtype} on {norm.device}")
+        capturing = _capturing(dev)
+        tabs = self._tables_for(plan, capturing)
+        groups = self._groups_for(plan, settings, capturing)
         keep = []
-        grad_scale = _float_ptr(plan.grad_scale, plan.device, keep)
-        found_inf = _float_ptr(plan.found_inf, plan.device, keep)
-        clip = plan.clip_value
-        stream = _stream(plan.device)
-        _ext.set_device(plan.device.index)
-        for b in lay.buckets:
-            _ext.update(b.dtype, lay.row_ptr(b), b.n_tensors, b.n_chunks, lay.chunk_size, sched.data_ptr(),
-                        hyper.data_ptr(), 0 if norm is None else norm.data_ptr(),
-                        norm is not None and norm.dtype == torch.float64, plan.max_grad_norm or 0.0,
-                        clip is not None, clip or 0.0, grad_scale, found_inf, stream)
-        # after every block of the update has read the old counts (stream order)
-        _ext.increment_steps(lay.table.data_ptr(), lay.n_tensors, found_inf, stream)
+        clip = settings.clip_value
+        lrs = groups.lrs.data_ptr()
+        self._ext.step(plan.rule, tabs.table.data_ptr(), tabs.blocks.data_ptr(), tabs.n_tensors, tabs.dtypes,
+                       tabs.first_blocks, tabs.block_counts, groups.hyper.data_ptr(), groups.sched.data_ptr(), lrs,
+                       lrs + 8 * groups.n_groups, clocks.data_ptr(), groups.n_groups, tabs.scratch.data_ptr(),
+                       0 if norm is None else norm.data_ptr(), norm is not None and norm.dtype == torch.float64,
+                       settings.max_grad_norm or 0.0, _f32_ptr(scalars.grad_scale, dev, keep),
+                       _f32_ptr(scalars.found_inf, dev, keep), clip is not None, clip or 0.0, _index(dev),
+                       _stream(dev))
+        if capturing:
+            self._hold((*tabs.buffers(), *groups.buffers()))
+
+
+def _index(device: torch.device) -> int:
+    """The CUDA device the launches go to (-1: not a CUDA device, for the host twin)."""
+    return -1 if device.type != "cuda" else device.index
 
 
 def load():
@@ -245,8 +332,9 @@ def load():
         if _UNBUILT.is_file():
             raise BackendUnavailable(_UNBUILT.read_text().strip()) from None
         raise BackendUnavailable(f"the extension fused_lr._cuda is not built or does not load: {e}") from None
-    if (_cuda.TABLE_COLS, _cuda.HYPER_COLS) != (TABLE_COLS, HYPER_COLS):
-        raise BackendUnavailable("fused_lr._cuda is stale (table layout differs); reinstall fused_lr")
+    if (stale := layout_mismatch(_cuda)) is not None:
+        raise BackendUnavailable(f"fused_lr._cuda was built with another kernel layout than fused_lr/core/layout.py "
+                                 f"({stale}); reinstall fused_lr to rebuild it")
     if not torch.cuda.is_available():
         raise BackendUnavailable("no CUDA device (torch.cuda.is_available() is False)")
     count, err = _cuda.probe()
