@@ -1,37 +1,49 @@
-"""The CUDA backend's per-element math, checked on the host (CI has no GPU).
+"""The CUDA backend checked on the host (CI has no GPU).
 
-csrc/fused_lr_math.h holds everything the kernels compute per element or per block as
-``__host__ __device__`` functions. This test compiles them into a small host program
-(csrc/tests/host_math.cpp) with the system C++ compiler and holds its answers to the Python
-oracles: ``fused_lr.schedules.eval_table`` for the schedule tables, ``fused_lr.backends.reference`` for
-the update and the gradient norm, and ``fused_lr.backends.cuda.chunk_layout`` for the chunk indexing.
-It also builds the CUDA backend's device tables on CPU tensors and checks their rows, and drives
-FusedSGD on CudaBackend end to end through a host twin of the launches
-(csrc/tests/host_launch.cpp: the kernels' chunk walk over the same tables, run on the CPU).
-What none of this runs is kernels.cu itself (the launches, the block reductions, the device
-loads and stores); tests/test_parity.py and tests/test_gpu_step.py do that where a GPU exists.
+csrc/fused_lr_math.h holds everything the kernels compute, per element and per thread, as
+``__host__ __device__`` functions, and csrc/fused_lr_layout.h (its table layout) is generated from
+fused_lr/core/layout.py, here into a temporary directory as the CMake build does. This test
+compiles two host programs against them with the system C++ compiler:
+
+* csrc/tests/host_math.cpp answers single cases: ``eval_table`` against
+  ``fused_lr.schedules.eval_table``, one tensor's prepare + update and the norm of one block
+  against the reference backend, and ``block_range`` against the backend's block numbering;
+* csrc/tests/host_launch.cpp is a twin of the launches (prepare, update, increment and the norm,
+  every block and thread in turn on CPU memory) behind fused_lr._cuda's interface, so FusedSGD
+  runs on CudaBackend end to end: tables, buckets, blocks, uploads, alignment paths, dtype checks,
+  rebuilds, capture guards.
+
+What none of this runs is kernels.cu itself (the launches, warp shuffles, device loads and
+stores); tests/test_parity.py and tests/test_gpu_step.py do that where a GPU exists.
 """
 
 import ctypes
 import itertools
 import math
 import os
+import re
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import fused_lr
 from fused_lr import FusedSGD
 from fused_lr import schedules as S
+from fused_lr.backends import BackendUnavailable
 from fused_lr.backends import cuda as cb
-from fused_lr.backends.cuda import chunk_layout, group_row
 from fused_lr.backends.reference import ReferenceBackend
-from fused_lr.core.plan import GroupPlan, StepPlan
+from fused_lr.core import layout as L
+from fused_lr.core.plan import Plan, Settings, StepScalars
+from fused_lr.tools.models import resnet50
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
 
 
 def _compiler():
@@ -41,23 +53,32 @@ def _compiler():
     return None
 
 
-def _compile(source: str, out, *flags: str) -> None:
-    """Build one of csrc/tests/ with the host C++ compiler, or skip when there is none."""
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """The layout header, generated from fused_lr/core/layout.py as the CMake build does."""
+    out = tmp_path_factory.mktemp("generated")
+    subprocess.run([sys.executable, str(ROOT / "fused_lr" / "core" / "layout.py"), str(out / "fused_lr_layout.h")],
+                   check=True)
+    return out
+
+
+def _compile(source: str, out, include, *flags: str) -> None:
+    """Build one of csrc/tests/ with the host C++ compiler, or skip when there is none.
+    -ffp-contract=off: the host must round every operation as the Python oracle does, so a one-ulp
+    difference means a formula differs (the device build fuses a*b+c; its ulps are the parity
+    tests' business)."""
     cxx = _compiler()
     if cxx is None:
         pytest.skip(f"no C++ compiler (g++, c++, clang++ or $CXX) to build {source}")
-    subprocess.run([cxx, "-std=c++17", "-O2", *flags, "-Wall", "-Wextra", "-o", str(out),
-                    str(CSRC / "tests" / source)], check=True)
+    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", *flags, "-Wall", "-Wextra", "-Werror",
+                    f"-I{include}", "-o", str(out), str(CSRC / "tests" / source)], check=True)
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory):
+def host(tmp_path_factory, generated):
     """Run the host program on a list of command lines; returns one list of floats per line."""
     exe = tmp_path_factory.mktemp("host_math") / "host_math"
-    # -ffp-contract=off: the host must round every operation as the Python oracle does, so a
-    # one-ulp difference means a formula differs (the device build fuses a*b+c; its ulps are
-    # the parity tests' business).
-    _compile("host_math.cpp", exe, "-ffp-contract=off")
+    _compile("host_math.cpp", exe, generated)
 
     def run(lines):
         out = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True)
@@ -70,6 +91,42 @@ def host(tmp_path_factory):
 
 def _fmt(values) -> str:
     return " ".join(repr(float(v)) for v in values)
+
+
+# ---------------------------------------------------------------------------- one layout
+def test_csrc_and_the_host_side_restate_no_layout_constant():
+    """Every column, flag, code and size reaches csrc/ through the generated header and cuda.py
+    through fused_lr.core.layout: neither defines one of those names itself."""
+    names = cb.layout_constants(L.c_header())
+    assert {"T_PARAM", "H_FLAGS", "C_INIT", "W_GO", "F_NESTEROV", "K_COSINE", "NORM_EPS", "CUDA_CHUNK"} <= set(names)
+    sources = [p for p in CSRC.rglob("*") if p.suffix in (".h", ".cu", ".cpp")] + [ROOT / "fused_lr/backends/cuda.py"]
+    for path in sources:
+        text = path.read_text()
+        for name in names:
+            assert not re.search(rf"\b{name}\s*=[^=]", text), f"{path.name} defines {name}"
+        assert "1e-6" not in text and "1e-06" not in text, f"{path.name} restates NORM_EPS"
+
+
+class _FakeModule:
+    DTYPES = {"float32": 0}
+
+    def __init__(self, header):
+        self.LAYOUT_HEADER = header
+
+    @staticmethod
+    def probe():
+        return 1, ""
+
+
+def test_a_stale_build_is_unavailable_saying_reinstall(monkeypatch):
+    stale = L.c_header().replace(f"T_GRAD = {L.T_GRAD};", f"T_GRAD = {L.T_GRAD + 7};")
+    assert cb.layout_mismatch(_FakeModule(L.c_header())) is None
+    assert cb.layout_mismatch(_FakeModule(stale)) == f"T_GRAD = {L.T_GRAD + 7} there, {L.T_GRAD} in layout.py"
+    assert "missing" in cb.layout_mismatch(_FakeModule(""))
+    monkeypatch.setitem(sys.modules, "fused_lr._cuda", _FakeModule(stale))
+    monkeypatch.setattr(fused_lr, "_cuda", sys.modules["fused_lr._cuda"], raising=False)
+    with pytest.raises(BackendUnavailable, match=r"T_GRAD = .*reinstall fused_lr"):
+        cb.load()
 
 
 # ---------------------------------------------------------------------------- schedule tables
@@ -103,7 +160,7 @@ STEPS_K = [*range(0, 130), 255, 1000, 4097, 123456]
 
 def test_every_kind_is_covered():
     kinds = {int(row[1]) for s in SCHEDULES for row in s.table() if math.isfinite(row[0])}
-    assert kinds == set(range(12))  # CONST .. POWERLAW
+    assert kinds == set(L.SCHEDULE_KINDS.values())
 
 
 def test_eval_table_matches_python(host):
@@ -117,14 +174,15 @@ def test_eval_table_matches_python(host):
             assert math.isclose(g, w, rel_tol=1e-15, abs_tol=1e-300), (schedule, k, g, w)
 
 
-# ---------------------------------------------------------------------------- the update
+# ---------------------------------------------------------------------------- one tensor's update
 MOMENTA = [  # (momentum, dampening, nesterov)
     (0.0, 0.0, False), (0.9, 0.0, False), (0.9, 0.0, True), (0.9, 0.3, False)]
 DECAYS = [(0.0, False), (0.05, False), (0.05, True)]  # (weight_decay, decoupled)
 NORMS = [None, 2.5, 0.1]  # with max_grad_norm 0.5: off, clipping (c = 0.2), inactive (c = 1)
 MAX_NORM = 0.5
 LR_SCHEDULES = [S.Constant(), S.Warmup(5, S.Cosine(20), start_factor=0.1), S.Step(3, 0.5)]
-N = 16
+LR_KINDS = ["float", "float32 tensor", "float64 tensor"]
+N = 19  # four 16-byte packs of float32 and a tail; nine of float64 and a tail
 
 # Per dtype: the reference and the host do the same IEEE operations, but torch's vectorised
 # CPU kernels may fuse a*b+c (one rounding fewer), so allow a few ulps of the O(1) values
@@ -135,10 +193,30 @@ TOL = {torch.float64: dict(rtol=1e-14, atol=1e-14), torch.float32: dict(rtol=1e-
 
 def _update_cases():
     combos = itertools.product([torch.float64, torch.float32], MOMENTA, DECAYS, [False, True], [None, 0.3],
-                               NORMS, [None, 3.0], [(0, False), (7, False), (7, True), (0, True)])
-    for i, (dtype, mom, decay, maximize, clip, norm, scale, (k, fresh)) in enumerate(combos):
+                               NORMS, [None, 3.0], [(0, 0), (7, 0), (7, 3), (0, 5)])
+    for i, (dtype, mom, decay, maximize, clip, norm, scale, (clock, step)) in enumerate(combos):
         yield dict(dtype=dtype, momentum=mom, decay=decay, maximize=maximize, clip_value=clip, norm=norm,
-                   grad_scale=scale, k=k, fresh=fresh, schedule=LR_SCHEDULES[i % len(LR_SCHEDULES)], seed=i)
+                   grad_scale=scale, clock=clock, step=step, schedule=LR_SCHEDULES[i % len(LR_SCHEDULES)],
+                   lr_kind=LR_KINDS[i // len(LR_SCHEDULES) % len(LR_KINDS)], seed=i)
+
+
+def _group(case):
+    (mom, damp, nesterov), (wd, decoupled) = case["momentum"], case["decay"]
+    lr = {"float": 0.1, "float32 tensor": torch.tensor(0.1), "float64 tensor": torch.tensor(0.1, dtype=torch.float64)}
+    return dict(lr=lr[case["lr_kind"]], momentum=mom, dampening=damp, nesterov=nesterov, weight_decay=wd,
+                decoupled_weight_decay=decoupled, maximize=case["maximize"], schedule=case["schedule"])
+
+
+def _hyper_row(group) -> np.ndarray:
+    """A group's kernel row, from FusedSGD's own declaration of its flags and rule columns."""
+    flags, rule_cols = FusedSGD.rule_row(None, group)
+    flags |= (L.F_MAXIMIZE if group["maximize"] else 0) | (L.F_DECOUPLED if group["decoupled_weight_decay"] else 0)
+    row = np.zeros(L.HYPER_COLS)
+    row[L.H_LR] = 1.0 if isinstance(group["lr"], torch.Tensor) else group["lr"]  # a tensor lr multiplies it
+    row[L.H_WEIGHT_DECAY] = group["weight_decay"]
+    row[L.H_FLAGS] = flags
+    row[L.H_R0:L.H_R0 + len(rule_cols)] = rule_cols
+    return row
 
 
 def _tensors(case):
@@ -149,57 +227,66 @@ def _tensors(case):
     return p, g, b
 
 
+def _one_tensor_plan(p, g, states, step):
+    plan = Plan.build(torch.device("cpu"), L.RULE_SGD, [(0, 0, p, None)])
+    plan.bind([states], [torch.tensor(float(step))])
+    plan.set_grads([g], lambda row: "the parameter")
+    return plan
+
+
 def _reference(case, p, g, b):
-    (mom, damp, nesterov), (wd, decoupled) = case["momentum"], case["decay"]
+    group = _group(case)
     p, b = p.clone(), b.clone()
-    group = GroupPlan(params=[p], grads=[g], bufs=[b] if mom else [], fresh=[case["fresh"]] if mom else [],
-                      steps=[torch.tensor(float(case["k"]))], lr=0.1, momentum=mom, dampening=damp,
-                      nesterov=nesterov, weight_decay=wd, decoupled_weight_decay=decoupled,
-                      maximize=case["maximize"], schedule=case["schedule"])
+    plan = _one_tensor_plan(p, g, {"momentum_buffer": b} if group["momentum"] else {}, case["step"])
+    settings = Settings(groups=[group], hyper=_hyper_row(group)[None], schedules=case["schedule"].table()[None],
+                        lr_tensors={}, max_grad_norm=MAX_NORM, clip_value=case["clip_value"],
+                        reference_rule=FusedSGD.reference_rule)
     scale = None if case["grad_scale"] is None else torch.tensor([case["grad_scale"]])
-    plan = StepPlan(groups=[group], device=torch.device("cpu"), max_grad_norm=MAX_NORM,
-                    clip_value=case["clip_value"], grad_scale=scale, found_inf=torch.tensor([0.0]))
     norm = None if case["norm"] is None else torch.tensor(case["norm"], dtype=plan.norm_dtype)
-    ReferenceBackend().update(plan, norm)
-    return p, b, group
+    ReferenceBackend().update(plan, settings, torch.tensor([float(case["clock"])]), StepScalars(scale, None), norm)
+    return p, b
 
 
-def _update_line(case, group, p, g, b):
+def _update_line(case, p, g, b):
+    group = _group(case)
     dtype = "f64" if case["dtype"] == torch.float64 else "f32"
     norm, clip, scale = case["norm"], case["clip_value"], case["grad_scale"]
-    head = [case["k"], int(case["fresh"]), int(scale is not None), scale or 0.0, int(norm is not None), norm or 0.0,
-            int(case["dtype"] == torch.float64), MAX_NORM, int(clip is not None), clip or 0.0, N]
+    head = [case["clock"], case["step"], LR_KINDS.index(case["lr_kind"]), float(group["lr"]), int(scale is not None),
+            scale or 0.0, int(norm is not None), norm or 0.0, int(case["dtype"] == torch.float64), MAX_NORM,
+            int(clip is not None), clip or 0.0, N]
     elems = torch.stack([p, g, b], dim=1).ravel().tolist()
-    return f"update {dtype} {_fmt(group_row(group))} {_fmt(group.table.ravel())} {_fmt(head)} {_fmt(elems)}"
+    return f"update {dtype} {_fmt(_hyper_row(group))} {_fmt(case['schedule'].table().ravel())} {_fmt(head)} " \
+           f"{_fmt(elems)}"
 
 
 def test_update_matches_reference(host):
     cases = list(_update_cases())
     inputs = [_tensors(c) for c in cases]
-    refs = [_reference(c, *t) for c, t in zip(cases, inputs, strict=True)]
-    lines = [_update_line(c, ref[2], *t) for c, t, ref in zip(cases, inputs, refs, strict=True)]
-    for case, (p0, _, _), (p_ref, b_ref, group), out in zip(cases, inputs, refs, host(lines), strict=True):
+    lines = [_update_line(c, *t) for c, t in zip(cases, inputs, strict=True)]
+    for case, (p0, g, b0), out in zip(cases, inputs, host(lines), strict=True):
+        p_ref, b_ref = _reference(case, p0, g, b0)
         got = torch.tensor(out, dtype=torch.float64).view(N, 2)
         tol = TOL[case["dtype"]]
         assert not torch.equal(p_ref, p0)  # every case moves the parameter
         torch.testing.assert_close(got[:, 0], p_ref.double(), **tol, msg=lambda m, c=case: f"param: {m}\n{c}")
-        if group.momentum:
+        if case["momentum"][0]:
             torch.testing.assert_close(got[:, 1], b_ref.double(), **tol, msg=lambda m, c=case: f"buf: {m}\n{c}")
 
 
 def test_grad_norm_matches_reference(host):
     lines, want, dtypes = [], [], []
-    for i, (dtype, maximize, clip, scale) in enumerate(itertools.product(
-            [torch.float64, torch.float32], [False, True], [None, 0.3], [None, 3.0])):
-        g = torch.randn(1000, generator=torch.Generator().manual_seed(i), dtype=torch.float64).to(dtype)
-        group = GroupPlan(params=[torch.zeros_like(g)], grads=[g], bufs=[], fresh=[], steps=[], lr=0.1, momentum=0.0,
-                          dampening=0.0, nesterov=False, weight_decay=0.0, decoupled_weight_decay=False,
-                          maximize=maximize, schedule=S.Constant())
-        plan = StepPlan(groups=[group], device=torch.device("cpu"), clip_value=clip,
-                        grad_scale=None if scale is None else torch.tensor([scale]))
-        want.append(float(ReferenceBackend().grad_norm(plan)))
+    for i, (dtype, clip, scale) in enumerate(itertools.product([torch.float64, torch.float32], [None, 0.3],
+                                                               [None, 3.0])):
+        g = torch.randn(1001, generator=torch.Generator().manual_seed(i), dtype=torch.float64).to(dtype)
+        plan = _one_tensor_plan(torch.zeros_like(g), g, {}, 0)
+        group = dict(maximize=False)
+        settings = Settings(groups=[group], hyper=np.zeros((1, L.HYPER_COLS)),
+                            schedules=np.zeros((1, L.MAX_SEGMENTS, L.SEGMENT_COLS)), lr_tensors={},
+                            max_grad_norm=None, clip_value=clip, reference_rule=FusedSGD.reference_rule)
+        scalars = StepScalars(None if scale is None else torch.tensor([scale]), None)
+        want.append(float(ReferenceBackend().grad_norm(plan, settings, scalars)))
         dtypes.append(dtype)
-        head = [int(scale is not None), scale or 0.0, int(maximize), int(clip is not None), clip or 0.0, g.numel()]
+        head = [int(scale is not None), scale or 0.0, int(clip is not None), clip or 0.0, g.numel()]
         lines.append(f"norm {'f64' if dtype == torch.float64 else 'f32'} {_fmt(head)} {_fmt(g.tolist())}")
     for dtype, w, (got,) in zip(dtypes, want, host(lines), strict=True):
         # The kernel sums squares in float64; the reference sums in the norm's dtype, in another
@@ -207,202 +294,452 @@ def test_grad_norm_matches_reference(host):
         assert math.isclose(got, w, rel_tol=1e-13 if dtype == torch.float64 else 1e-5), (dtype, got, w)
 
 
-# ---------------------------------------------------------------------------- chunks
-@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
-def test_chunks_cover_every_element_once(host, chunk_size):
+# ---------------------------------------------------------------------------- blocks
+@pytest.mark.parametrize("chunk", [8, 1000])
+def test_blocks_cover_every_element_once(host, monkeypatch, chunk):
+    """The backend's block numbering (first chunk per row, row per block) through the kernels'
+    block_range: every element of every tensor in exactly one block of at most CHUNK elements."""
+    monkeypatch.setattr(cb, "CHUNK", chunk)
     numels = [0, 1, 999, 1000, 1001, 0, 0, 5000, 3, 0, 2048]
-    first, total = chunk_layout(numels, chunk_size)
-    pairs = [x for n, f in zip(numels, first, strict=True) for x in (n, f)]
-    (out,) = host([f"chunks {chunk_size} {len(numels)} {_fmt(pairs)} {total}"])
+    dtypes = [torch.float32] * 6 + [torch.float64] * 5
+    plan = Plan.build(torch.device("cpu"), L.RULE_SGD,
+                      [(i, 0, torch.zeros(n, dtype=dt), None) for i, (n, dt) in enumerate(zip(numels, dtypes))])
+    tabs = cb._Tables(plan, {torch.float32: 0, torch.float64: 1})
+    assert tabs.block_counts == (sum(-(-n // chunk) for n in numels[:6]), sum(-(-n // chunk) for n in numels[6:]))
+    assert tabs.first_blocks == (0, tabs.block_counts[0]) and tabs.n_blocks == sum(tabs.block_counts)
+    pairs = [x for n, f in zip(numels, plan.table[:, L.T_FIRST_CHUNK].tolist(), strict=True) for x in (n, f)]
+    (out,) = host([f"blocks {chunk} {len(numels)} {_fmt(pairs)} {tabs.n_blocks} {_fmt(tabs.blocks.tolist())}"])
     triples = np.array(out, dtype=np.int64).reshape(-1, 3)
-    assert len(triples) == total == sum(-(-n // chunk_size) for n in numels)
     seen = [np.zeros(n, dtype=np.int64) for n in numels]
-    for t, begin, end in triples:
-        assert 0 < end - begin <= chunk_size
-        seen[t][begin:end] += 1
+    for row, begin, end in triples:
+        assert 0 < end - begin <= chunk
+        seen[row][begin:end] += 1
     assert all((s == 1).all() for s in seen)
-    # chunks run through the tensors in table order, so a block's tensor is found by search
-    assert (np.diff(triples[:, 0]) >= 0).all()
-
-
-# ---------------------------------------------------------------------------- the device table
-def _layout_plan():
-    """Two groups mixing dtypes, an empty tensor, and momentum on one group only."""
-    gen = torch.Generator().manual_seed(0)
-
-    def param(n, dtype):
-        p = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
-        return p, torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
-
-    specs = [[(70_000, torch.float32), (0, torch.float64), (5, torch.bfloat16), (200_000, torch.float64)],
-             [(65_536, torch.float32), (3, torch.float64)]]
-    groups = []
-    for gi, spec in enumerate(specs):
-        params, grads = zip(*(param(n, dt) for n, dt in spec), strict=True)
-        mom = 0.9 if gi == 0 else 0.0
-        groups.append(GroupPlan(
-            params=list(params), grads=list(grads), bufs=[torch.zeros_like(p) for p in params] if mom else [],
-            fresh=[True] * len(params) if mom else [], steps=[torch.zeros(()) for _ in params], lr=0.1,
-            momentum=mom, dampening=0.0, nesterov=False, weight_decay=0.0, decoupled_weight_decay=False,
-            maximize=False, schedule=S.Constant()))
-    return StepPlan(groups=groups, device=torch.device("cpu"))
-
-
-@pytest.mark.parametrize("with_state", [False, True], ids=["norm", "update"])
-def test_layout_rows_and_buckets(with_state):
-    plan = _layout_plan()
-    lay = cb._Layout(plan, with_state)
-    rows = lay.table.numpy()
-    tensors = [(gi, i, p) for gi, g in enumerate(plan.groups) for i, p in enumerate(g.params)]
-    assert lay.n_tensors == len(rows) == len(tensors)
-    # one bucket per dtype, in dtype-code order, together covering every row once
-    assert [b.dtype for b in lay.buckets] == sorted({cb.DTYPES[p.dtype] for _, _, p in tensors})
-    assert [b.first_row for b in lay.buckets] == list(np.cumsum([0] + [b.n_tensors for b in lay.buckets])[:-1])
-    assert sum(b.n_tensors for b in lay.buckets) == len(rows)
-    # each bucket is chunked on its own; the partial sums of the buckets follow one another
-    assert [b.first_partial for b in lay.buckets] == list(np.cumsum([0] + [b.n_chunks for b in lay.buckets])[:-1])
-    assert lay.n_chunks == sum(-(-p.numel() // cb.CHUNK_SIZE) for _, _, p in tensors)
-    dtype_of = {p.data_ptr(): cb.DTYPES[p.dtype] for _, _, p in tensors}
-    for b in lay.buckets:
-        sub = rows[b.first_row:b.first_row + b.n_tensors]
-        assert all(dtype_of[int(r[cb.PARAM])] == b.dtype for r in sub)
-        first, total = chunk_layout(sub[:, cb.NUMEL].tolist(), cb.CHUNK_SIZE)
-        assert sub[:, cb.FIRST_CHUNK].tolist() == first and b.n_chunks == total
-    by_param = {int(r[cb.PARAM]): r for r in rows}
-    for gi, i, p in tensors:
-        group, r = plan.groups[gi], by_param[p.data_ptr()]
-        assert (r[cb.GRAD], r[cb.NUMEL], r[cb.GROUP]) == (group.grads[i].data_ptr(), p.numel(), gi)
-        has_buf = with_state and group.momentum != 0
-        assert r[cb.STEP] == (group.steps[i].data_ptr() if with_state else 0)
-        assert r[cb.BUF] == (group.bufs[i].data_ptr() if has_buf else 0)
-        assert r[cb.FRESH] == (1 if has_buf else 0)
-    assert (lay.partials is None) == with_state
-    if not with_state:
-        assert lay.partials_ptr(lay.buckets[-1]) == lay.partials.data_ptr() + 8 * lay.buckets[-1].first_partial
-
-
-def test_layout_rejects_strided_tensors():
-    plan = _layout_plan()
-    p = torch.randn(6, 4, dtype=torch.float32)
-    plan.groups[1].params[0] = p.t()  # a transposed view is dense, but the gradient is not laid out alike
-    plan.groups[1].grads[0] = torch.randn(4, 6, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="dense with equal strides"):
-        cb._Layout(plan, with_state=False)
-    plan.groups[1].params[0] = torch.randn(8, 6)[::2]  # not dense
-    plan.groups[1].grads[0] = torch.randn(4, 6)
-    with pytest.raises(RuntimeError, match="dense with equal strides"):
-        cb._Layout(plan, with_state=False)
 
 
 # ---------------------------------------------------------------------------- the backend, end to end
+def _ints(values, ctype):
+    return (ctype * len(values))(*values)
+
+
 class _HostTwin:
-    """csrc/tests/host_launch.cpp behind fused_lr._cuda's interface. Every launch takes the same
-    arguments as the module's, minus the stream (the last one), which the host has no use for."""
+    """csrc/tests/host_launch.cpp behind fused_lr._cuda's interface, with ``chunk`` elements and
+    ``threads`` threads per block. Calls take the module's arguments; device and stream (the last
+    two) must say "no device"."""
 
-    def __init__(self, lib):
-        c = ctypes
-        sig = {
-            "flr_norm_partials": [c.c_int, c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_double,
-                                  c.c_void_p],
-            "flr_norm_finish": [c.c_void_p, c.c_int64, c.c_void_p, c.c_int],
-            "flr_update": [c.c_int, c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p,
-                           c.c_int, c.c_double, c.c_int, c.c_double, c.c_void_p, c.c_void_p],
-            "flr_increment_steps": [c.c_void_p, c.c_int, c.c_void_p],
-        }
-        for name, argtypes in sig.items():
-            getattr(lib, name).argtypes = argtypes
-        self.lib = lib
+    LAYOUT_HEADER = L.c_header()  # the twin is compiled against the header generated from it
 
-    @staticmethod
-    def _ok(rc):
+    def __init__(self, lib, chunk, threads):
+        self.lib, self.chunk, self.threads = lib, chunk, threads
+        self.DTYPES = {}
+        while (name := lib.flr_dtype_name(len(self.DTYPES))) is not None:
+            self.DTYPES[name.decode()] = len(self.DTYPES)
+
+    def norm(self, table, blocks, dtypes, first_blocks, n_blocks, *rest):
+        *args, device, stream = rest
+        assert (device, stream) == (-1, 0)
+        rc = self.lib.flr_norm(table, blocks, _ints(dtypes, ctypes.c_int), _ints(first_blocks, ctypes.c_int64),
+                               _ints(n_blocks, ctypes.c_int64), len(dtypes), *args, self.chunk, self.threads)
         assert rc == 0, "the host twin does not handle this dtype"
 
-    def set_device(self, device):
-        pass
-
-    def norm_partials(self, *args):
-        self._ok(self.lib.flr_norm_partials(*args[:-1]))
-
-    def norm_finish(self, *args):
-        self._ok(self.lib.flr_norm_finish(*args[:-1]))
-
-    def update(self, *args):
-        self._ok(self.lib.flr_update(*args[:-1]))
-
-    def increment_steps(self, *args):
-        self._ok(self.lib.flr_increment_steps(*args[:-1]))
+    def step(self, rule, table, blocks, n_tensors, dtypes, first_blocks, n_blocks, *rest):
+        *args, device, stream = rest
+        assert (device, stream) == (-1, 0)
+        rc = self.lib.flr_step(rule, table, blocks, n_tensors, _ints(dtypes, ctypes.c_int),
+                               _ints(first_blocks, ctypes.c_int64), _ints(n_blocks, ctypes.c_int64), len(dtypes),
+                               *args, self.chunk, self.threads)
+        assert rc == 0, "the host twin does not handle this dtype or rule"
 
 
 @pytest.fixture(scope="module")
-def twin(tmp_path_factory):
-    lib = tmp_path_factory.mktemp("host_launch") / "host_launch.so"
-    _compile("host_launch.cpp", lib, "-shared", "-fPIC")
-    return _HostTwin(ctypes.CDLL(str(lib)))
+def twin_lib(tmp_path_factory, generated):
+    path = tmp_path_factory.mktemp("host_launch") / "host_launch.so"
+    _compile("host_launch.cpp", path, generated, "-shared", "-fPIC")
+    lib = ctypes.CDLL(str(path))
+    c = ctypes
+    lib.flr_dtype_name.restype = c.c_char_p
+    lib.flr_dtype_name.argtypes = [c.c_int]
+    lib.flr_norm.argtypes = [c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_int64,
+                             c.c_void_p, c.c_int, c.c_double, c.c_void_p, c.c_void_p, c.c_int, c.c_int64, c.c_int]
+    lib.flr_step.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int,
+                             c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p,
+                             c.c_void_p, c.c_int, c.c_double, c.c_void_p, c.c_void_p, c.c_int, c.c_double, c.c_int64,
+                             c.c_int]
+    return lib
 
 
-# sizes around the (patched) chunk size, an empty tensor, two dtypes in one optimizer
-TWIN_CHUNK = 5
+@pytest.fixture
+def on_twin(monkeypatch, twin_lib):
+    """``on_twin(chunk, threads)`` -> the extension module the backend will use: the host twin with
+    that many elements and threads per block, on CPU tensors."""
+
+    def use(chunk=8, threads=3, ext=None):
+        ext = ext or _HostTwin(twin_lib, chunk, threads)
+        monkeypatch.setattr(cb, "_ext", ext)
+        monkeypatch.setattr(cb, "CHUNK", chunk)
+        monkeypatch.setattr(cb.CudaBackend, "devices", frozenset({"cpu"}))
+        return ext
+
+    return use
+
+
+def _on_cuda_backend(opt):
+    """Route opt's steps to a CudaBackend (the core would otherwise pick the reference here)."""
+    opt._backend = cb.CudaBackend()
+    return opt._backend
+
+
+# sizes around the twin's 8-element chunk, an empty tensor, two dtypes in one optimizer, and a
+# parameter at an odd address (row not 16-byte aligned: the scalar path)
 TWIN_SHAPES = [((3, 4), torch.float64), ((0,), torch.float64), ((7,), torch.float32), ((5,), torch.float64),
-               ((2, 3, 5), torch.float32), ((1,), torch.float32)]
+               ((2, 3, 5), torch.float32), ((1,), torch.float32), ("odd", torch.float32)]
 TWIN_CASES = {
     "nesterov-clip": dict(momentum=0.9, nesterov=True, weight_decay=5e-2, max_grad_norm=0.5, clip_value=0.8,
                           schedule=S.Warmup(2, S.Cosine(6), start_factor=0.1)),
     "dampening-decoupled": dict(momentum=0.8, dampening=0.3, weight_decay=5e-2, decoupled_weight_decay=True,
                                 maximize=True, schedule=S.Step(2, 0.5)),
-    "plain": dict(schedule=S.MultiStep([1, 3], 0.3)),
+    "plain-tensor-lr": dict(schedule=S.MultiStep([1, 3], 0.3), lr=torch.tensor(0.1, dtype=torch.float64)),
 }
 
 
-def _twin_params(dtypes_from):
+def _twin_params(dtypes_from, big=False):
     gen = torch.Generator().manual_seed(3)
-    return [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtypes_from(dt)) for shape, dt in TWIN_SHAPES]
+    params = []
+    for shape, dt in TWIN_SHAPES:
+        if shape == "odd":
+            params.append(torch.randn(14, generator=gen, dtype=torch.float64).to(dtypes_from(dt))[1:])
+        else:
+            shape = (shape[0] * 1500, *shape[1:]) if big and shape[0] > 1 else shape
+            params.append(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtypes_from(dt)))
+    return params
 
 
-@pytest.mark.parametrize("mixed", [True, False], ids=["f64+f32", "f32"])
-@pytest.mark.parametrize("case", list(TWIN_CASES))
-def test_backend_end_to_end_on_the_host_twin(twin, monkeypatch, case, mixed):
-    """FusedSGD on CudaBackend (host twin) vs FusedSGD on the reference: 6 steps, the first one
-    skipped by found_inf (its buffers then start at k = 0), GradScaler-style scaled gradients,
-    two groups with their own lr, schedule and momentum."""
-    monkeypatch.setattr(cb, "_ext", twin)
-    monkeypatch.setattr(cb, "_stream", lambda device: 0)
-    monkeypatch.setattr(cb, "CHUNK_SIZE", TWIN_CHUNK)
-    monkeypatch.setattr(cb.CudaBackend, "devices", frozenset({"cpu"}))
-    dtypes_from = (lambda dt: dt) if mixed else (lambda dt: torch.float32)
-    runs = {}
-    for name in ("reference", "twin"):
-        params = [p.requires_grad_() for p in _twin_params(dtypes_from)]
-        # the second group starts without momentum and gets it at step 3: fresh buffers at k = 2
-        second = dict(params=params[4:], lr=0.05, schedule=S.Exponential(0.9), momentum=0.0, nesterov=False)
-        opt = FusedSGD([dict(params=params[:4]), second], lr=0.1, backend="reference", **TWIN_CASES[case])
-        if name == "twin":
-            opt._backend = cb.CudaBackend()
-        gen = torch.Generator().manual_seed(4)
-        norms = []
-        for step in range(6):
-            if step == 3:
-                opt.param_groups[1]["momentum"] = 0.7
-            scale = 4.0
-            for p in params:
-                p.grad = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale).to(p.dtype)
-            opt.grad_scale = torch.tensor([scale])
-            opt.found_inf = torch.tensor([1.0 if step == 0 else 0.0])
-            opt.step()
-            if opt.last_grad_norm is not None:
-                norms.append(opt.last_grad_norm.clone())
-        assert opt.backend == ("cuda" if name == "twin" else "reference")
-        runs[name] = (params, opt, norms)
-    (ref_params, ref_opt, ref_norms), (got_params, got_opt, got_norms) = runs["reference"], runs["twin"]
+def _run(name, case, dtypes_from, big, steps=6):
+    params = [p.requires_grad_() for p in _twin_params(dtypes_from, big)]
+    # the second group starts without momentum and gets it at step 3: a new plan, buffers at step 0
+    second = dict(params=params[4:], lr=torch.tensor(0.05), schedule=S.Exponential(0.9), momentum=0.0,
+                  nesterov=False)
+    kwargs = {"lr": 0.1, **TWIN_CASES[case]}
+    opt = FusedSGD([dict(params=params[:4]), second], backend="reference", **kwargs)
+    backend = _on_cuda_backend(opt) if name == "twin" else None
+    gen = torch.Generator().manual_seed(4)
+    norms = []
+    for step in range(steps):
+        if step == 3:
+            opt.param_groups[1]["momentum"] = 0.7
+        scale = 4.0
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale).to(p.dtype)
+        opt.grad_scale = torch.tensor([scale])
+        opt.found_inf = torch.tensor([1.0 if step == 0 else 0.0])
+        opt.step()
+        if opt.last_grad_norm is not None:
+            norms.append(opt.last_grad_norm.clone())
+    assert opt.backend == ("cuda" if name == "twin" else "reference")
+    return params, opt, norms, backend
+
+
+def _assert_same_run(ref, got, steps):
+    (ref_params, ref_opt, ref_norms, _), (got_params, got_opt, got_norms, _) = ref, got
     # float64 agrees to rounding; float32 to a few ulps per step, the norm being summed in
     # float64 by the kernels and in float32 by the reference
     for pr, pg in zip(ref_params, got_params, strict=True):
         tol = dict(rtol=1e-12, atol=1e-12) if pr.dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
         torch.testing.assert_close(pg.detach(), pr.detach(), **tol)
         sr, sg = ref_opt.state[pr], got_opt.state[pg]
-        assert float(sg["step"]) == float(sr["step"]) == 5.0  # the skipped step counted nowhere
+        assert float(sg["step"]) == float(sr["step"])
         if "momentum_buffer" in sr:
             torch.testing.assert_close(sg["momentum_buffer"], sr["momentum_buffer"], **tol)
+    clocks = [[float(g["schedule_step"]) for g in o.state_dict()["param_groups"]] for o in (ref_opt, got_opt)]
+    assert clocks[0] == clocks[1] == [steps - 1] * 2  # the skipped first step counted nowhere
     assert len(got_norms) == len(ref_norms)
     for nr, ng in zip(ref_norms, got_norms, strict=True):
-        assert ng.dtype == nr.dtype == (torch.float64 if mixed else torch.float32)
-        torch.testing.assert_close(ng, nr, rtol=1e-12 if mixed else 1e-6, atol=0)
+        assert ng.dtype == nr.dtype
+        torch.testing.assert_close(ng, nr, rtol=1e-12 if nr.dtype == torch.float64 else 1e-6, atol=0)
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["f64+f32", "f32"])
+@pytest.mark.parametrize("case", list(TWIN_CASES))
+def test_backend_end_to_end_on_the_host_twin(on_twin, case, mixed):
+    """FusedSGD on CudaBackend (host twin: 8-element chunks, 3 threads per block) vs FusedSGD on
+    the reference: 6 steps, the first one skipped by found_inf, GradScaler-style scaled gradients,
+    two groups with their own lr (one a tensor), schedule and momentum."""
+    on_twin(chunk=8, threads=3)
+    dtypes_from = (lambda dt: dt) if mixed else (lambda dt: torch.float32)
+    ref = _run("reference", case, dtypes_from, big=False)
+    got = _run("twin", case, dtypes_from, big=False)
+    _assert_same_run(ref, got, steps=6)
+    assert got[3].rebuilds == 2  # the first plan, and the one momentum switched on
+
+
+def test_backend_end_to_end_with_the_kernels_block_sizes(on_twin):
+    """The same with the kernels' own chunk and block sizes, on tensors of several chunks: every
+    thread's loop runs more than once, packs and tails included."""
+    on_twin(chunk=L.SIZES["CUDA_CHUNK"], threads=L.SIZES["CUDA_BLOCK"])
+    ref = _run("reference", "nesterov-clip", lambda dt: dt, big=True)
+    got = _run("twin", "nesterov-clip", lambda dt: dt, big=True)
+    assert max(p.numel() for p in got[0]) > 2 * L.SIZES["CUDA_CHUNK"]
+    _assert_same_run(ref, got, steps=6)
+
+
+# ---------------------------------------------------------------------------- memory safety
+class _DtypeSpy(_HostTwin):
+    """The twin, checking before every launch that each row a bucket's blocks reach holds only
+    addresses of tensors of that bucket's dtype among ``tensors()``."""
+
+    def __init__(self, lib, chunk, threads):
+        super().__init__(lib, chunk, threads)
+        self.tensors = list  # () -> the tensors a launch may address, set by the test
+        self.launches = 0
+        self.dtype_of = {code: getattr(torch, name) for name, code in self.DTYPES.items()}
+
+    def _check(self, table, blocks, dtypes, first_blocks, n_blocks):
+        live = {t.data_ptr(): t.dtype for t in self.tensors()}
+        rows_of = np.ctypeslib.as_array(ctypes.cast(blocks, ctypes.POINTER(ctypes.c_int32)),
+                                        shape=(max(sum(n_blocks), 1),))
+        for code, first, n in zip(dtypes, first_blocks, n_blocks, strict=True):
+            for row in set(rows_of[first:first + n].tolist()):
+                cols = np.ctypeslib.as_array(ctypes.cast(table + 8 * L.TENSOR_COLS * row,
+                                                         ctypes.POINTER(ctypes.c_int64)), shape=(L.TENSOR_COLS,))
+                for col in (L.T_PARAM, L.T_GRAD, L.T_STATE0):
+                    if cols[col]:
+                        assert live.get(int(cols[col])) == self.dtype_of[code], (row, col)
+        self.launches += 1
+
+    def norm(self, table, blocks, dtypes, first_blocks, n_blocks, *rest):
+        self._check(table, blocks, dtypes, first_blocks, n_blocks)
+        super().norm(table, blocks, dtypes, first_blocks, n_blocks, *rest)
+
+    def step(self, rule, table, blocks, n_tensors, dtypes, first_blocks, n_blocks, *rest):
+        self._check(table, blocks, dtypes, first_blocks, n_blocks)
+        super().step(rule, table, blocks, n_tensors, dtypes, first_blocks, n_blocks, *rest)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def _train(model, opt, steps, seed, spy=None):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        dtype = next(model.parameters()).dtype
+        x = torch.randn(4, 5, generator=gen, dtype=torch.float64).to(dtype)
+        model(x).square().sum().backward()
+        if spy is not None:
+            spy.tensors = lambda: [t for p in model.parameters() for t in (p, p.grad, *opt.state[p].values())]
+        opt.step()
+
+
+def _states_equal(opt_a, model_a, opt_b, model_b):
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-12)
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert sa["momentum_buffer"].dtype == pa.dtype == sb["momentum_buffer"].dtype
+        torch.testing.assert_close(sa["momentum_buffer"], sb["momentum_buffer"], rtol=1e-12, atol=1e-12)
+        assert float(sa["step"]) == float(sb["step"])
+
+
+def test_model_double_after_steps(on_twin, twin_lib):
+    """model.double() after float32 steps leaves float32 momentum buffers behind; the kernels must
+    never see them (a float64 kernel would read and write 8-byte elements through 4-byte
+    buffers). The CUDA backend equals the reference end to end, and every launch addresses only
+    tensors of its bucket's dtype."""
+    spy = on_twin(ext=_DtypeSpy(twin_lib, 8, 3))
+    runs = []
+    for name in ("reference", "twin"):
+        model = _model()
+        opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2, max_grad_norm=1.0,
+                       backend="reference")
+        if name == "twin":
+            _on_cuda_backend(opt)
+        _train(model, opt, 3, seed=1, spy=spy if name == "twin" else None)
+        model.double()
+        _train(model, opt, 3, seed=2, spy=spy if name == "twin" else None)
+        assert opt.backend == ("cuda" if name == "twin" else "reference")
+        runs.append((opt, model))
+    assert spy.launches == 12  # norm and step, 6 steps
+    _states_equal(*runs[0], *runs[1])
+
+
+def test_float32_checkpoint_into_a_float64_model(on_twin, twin_lib):
+    spy = on_twin(ext=_DtypeSpy(twin_lib, 8, 3))
+    runs = []
+    for name in ("reference", "twin"):
+        model32 = _model()
+        opt32 = FusedSGD(model32.parameters(), lr=0.1, momentum=0.9, nesterov=True, backend="reference")
+        _train(model32, opt32, 3, seed=1)
+        model = _model().double()
+        model.load_state_dict(model32.state_dict())
+        opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, backend="reference")
+        opt.load_state_dict(opt32.state_dict())
+        if name == "twin":
+            _on_cuda_backend(opt)
+        _train(model, opt, 3, seed=2, spy=spy if name == "twin" else None)
+        assert opt.backend == ("cuda" if name == "twin" else "reference")
+        runs.append((opt, model))
+    assert spy.launches == 3
+    _states_equal(*runs[0], *runs[1])
+
+
+def _bound_plan(p, g, state, step=0.0):
+    plan = Plan.build(p.device, L.RULE_SGD, [(0, 0, p, None)])
+    plan.bind([{"momentum_buffer": state}], [torch.tensor(step)])
+    plan.set_grads([g], lambda row: "the parameter")
+    return plan
+
+
+def _settings(momentum=0.9, lr=0.1):
+    group = dict(lr=lr, momentum=momentum, dampening=0.0, nesterov=False, weight_decay=0.0,
+                 decoupled_weight_decay=False, maximize=False, schedule=None)
+    return Settings(groups=[group], hyper=_hyper_row(group)[None], schedules=S.Constant().table()[None],
+                    lr_tensors={}, max_grad_norm=None, clip_value=None, reference_rule=FusedSGD.reference_rule)
+
+
+@pytest.mark.parametrize("bad", ["dtype", "layout", "address"])
+def test_backend_refuses_rows_the_kernel_would_misread(on_twin, bad):
+    """Whatever hands it a plan, the backend checks (once per state version) that every row's
+    tensors match the bucket's dtype and the parameter's layout, and launches nothing otherwise."""
+    ext = on_twin()
+    p = torch.randn(4, 6, dtype=torch.float64)
+    state = {"dtype": torch.zeros(4, 6, dtype=torch.float32), "layout": torch.zeros(6, 4, dtype=torch.float64).t(),
+             "address": torch.zeros(4, 6, dtype=torch.float64)}[bad]
+    plan = _bound_plan(p, torch.randn(4, 6, dtype=torch.float64), state)
+    if bad == "address":
+        plan.table[0, L.T_STATE0] += 8
+    before = p.clone()
+    ext.step = ext.norm = lambda *a: pytest.fail("launched")
+    backend = cb.CudaBackend()
+    with pytest.raises(RuntimeError, match="fused_lr cuda backend: .*parameter 0"):
+        backend.update(plan, _settings(), torch.zeros(1), StepScalars(None, None), None)
+    assert torch.equal(p, before)
+
+
+# ---------------------------------------------------------------------------- host cost and caching
+def test_no_rebuild_while_only_gradients_move(on_twin):
+    """100 steps with zero_grad(set_to_none=True): fresh gradients every step are new addresses
+    written into the same device table, not a rebuild."""
+    on_twin()
+    model = _model()
+    opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9, max_grad_norm=1.0, backend="reference")
+    backend = _on_cuda_backend(opt)
+    _train(model, opt, 1, seed=0)
+    table = backend._tables.table
+    assert backend.rebuilds == 1
+    addresses = []
+    for seed in range(1, 100):
+        _train(model, opt, 1, seed=seed)
+        addresses.append(int(table[0, L.T_GRAD]))
+    assert backend.rebuilds == 1 and backend._tables.table is table
+    assert len(set(addresses)) > 1  # the gradients did move, and the table followed them
+    assert {float(opt.state[p]["step"]) for p in model.parameters()} == {100.0}
+
+
+class _Stub:
+    """fused_lr._cuda with launches that do nothing: what is left of a step is the host's work."""
+
+    LAYOUT_HEADER = L.c_header()
+    DTYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
+
+    def norm(self, *args):
+        pass
+
+    def step(self, *args):
+        pass
+
+
+def test_host_cost_per_step(on_twin):
+    """ResNet-50's 161 parameter tensors, fresh gradients every step (zero_grad(set_to_none=True)),
+    launches stubbed: the backend's host work per step (norm + update) stays under 100 us, its
+    budget from issue 10. Timed as the best of 5 rounds of 50 steps, so a busy machine's noise
+    only raises the figure; the whole optimizer step is printed beside it."""
+    on_twin(ext=_Stub(), chunk=L.SIZES["CUDA_CHUNK"])
+    with torch.device("meta"):
+        n_tensors = sum(1 for _ in resnet50().parameters())
+    assert n_tensors == 161
+    params = [torch.zeros(64, requires_grad=True) for _ in range(n_tensors)]
+    opt = FusedSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, max_grad_norm=1.0, backend="reference")
+    backend = _on_cuda_backend(opt)
+    spent = [0.0]
+
+    def timed(fn):
+        def run(*args):
+            start = time.perf_counter()
+            out = fn(*args)
+            spent[0] += time.perf_counter() - start
+            return out
+        return run
+
+    backend.grad_norm, backend.update = timed(backend.grad_norm), timed(backend.update)
+    grads = [[torch.ones(64) for _ in params] for _ in range(2)]
+    best_backend, best_step = math.inf, math.inf
+    for rnd in range(6):
+        spent[0], total = 0.0, 0.0
+        for i in range(50):
+            for p, g in zip(params, grads[i % 2], strict=True):
+                p.grad = g  # a new address every step, as after zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            opt.step()
+            total += time.perf_counter() - start
+        if rnd:  # the first round builds the plan and tables
+            best_backend, best_step = min(best_backend, spent[0] / 50), min(best_step, total / 50)
+    assert backend.rebuilds == 1
+    print(f"\nhost cost per step, 161 tensors: backend {best_backend * 1e6:.0f} us, whole step {best_step * 1e6:.0f} us")
+    assert best_backend < 100e-6
+
+
+# ---------------------------------------------------------------------------- CUDA graph capture
+def _graph_opt(on_twin, monkeypatch):
+    on_twin()
+    capturing = [False]
+    monkeypatch.setattr(cb, "_capturing", lambda device: capturing[0])
+    model = _model()
+    opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9, max_grad_norm=1.0, backend="reference")
+    backend = _on_cuda_backend(opt)
+    x = torch.randn(4, 5)
+    model(x).square().sum().backward()  # static gradient tensors, as a captured step needs
+    return model, opt, backend, capturing
+
+
+def test_capture_without_eager_steps_raises(on_twin, monkeypatch):
+    model, opt, backend, capturing = _graph_opt(on_twin, monkeypatch)
+    capturing[0] = True
+    with pytest.raises(RuntimeError, match="while a CUDA graph is being captured.*two eager steps"):
+        opt.step()
+    assert backend.rebuilds == 0
+
+
+def test_captured_tables_are_kept_and_never_rewritten(on_twin, monkeypatch):
+    model, opt, backend, capturing = _graph_opt(on_twin, monkeypatch)
+    opt.step()
+    opt.step()
+    capturing[0] = True
+    opt.step()  # "captured": nothing to upload
+    capturing[0] = False
+    tabs, groups = backend._tables, backend._groups
+    held = {id(t) for t in (*tabs.buffers(), *groups.buffers())}
+    assert held <= {id(t) for t in backend._held}
+    table, hyper = tabs.table, groups.hyper
+    table_then, hyper_then = table.clone(), hyper.clone()
+
+    opt.param_groups[0]["lr"] = 0.05  # eager: fresh hyper buffer, the captured one untouched
+    opt.step()
+    assert backend._groups.hyper is not hyper and torch.equal(hyper, hyper_then)
+    assert float(backend._groups.hyper[0, L.H_LR]) == 0.05
+
+    capturing[0] = True  # a capture that would need an upload
+    opt.param_groups[0]["lr"] = 0.02
+    with pytest.raises(RuntimeError, match="hyper-parameters.*two eager steps"):
+        opt.step()
+    capturing[0] = False
+
+    opt.zero_grad(set_to_none=True)  # eager: new gradients, a fresh table, the captured one untouched
+    model(torch.randn(4, 5)).square().sum().backward()
+    opt.step()
+    assert backend._tables.table is not table and torch.equal(table, table_then)
+    assert backend.rebuilds == 1
+
+    opt.param_groups[0]["momentum"] = 0.0  # a new plan: rebuilt; what the graph read stays alive
+    opt.step()
+    assert backend.rebuilds == 2 and held <= {id(t) for t in backend._held}
