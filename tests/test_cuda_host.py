@@ -532,12 +532,12 @@ def _train(model, opt, steps, seed, spy=None):
         opt.step()
 
 
-def _states_equal(opt_a, model_a, opt_b, model_b):
+def _states_equal(opt_a, model_a, opt_b, model_b, tol):
     for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
-        torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pa, pb, **tol)
         sa, sb = opt_a.state[pa], opt_b.state[pb]
         assert sa["momentum_buffer"].dtype == pa.dtype == sb["momentum_buffer"].dtype
-        torch.testing.assert_close(sa["momentum_buffer"], sb["momentum_buffer"], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sa["momentum_buffer"], sb["momentum_buffer"], **tol)
         assert float(sa["step"]) == float(sb["step"])
 
 
@@ -560,7 +560,10 @@ def test_model_double_after_steps(on_twin, twin_lib):
         assert opt.backend == ("cuda" if name == "twin" else "reference")
         runs.append((opt, model))
     assert spy.launches == 12  # norm and step, 6 steps
-    _states_equal(*runs[0], *runs[1])
+    # The float32 steps differ by float32 ulps (the kernels sum the norm in float64, the reference
+    # in float32), which the float64 steps carry on; a buffer read through the wrong type would
+    # be off by O(1).
+    _states_equal(*runs[0], *runs[1], tol=dict(rtol=1e-5, atol=1e-6))
 
 
 def test_float32_checkpoint_into_a_float64_model(on_twin, twin_lib):
@@ -580,7 +583,7 @@ def test_float32_checkpoint_into_a_float64_model(on_twin, twin_lib):
         assert opt.backend == ("cuda" if name == "twin" else "reference")
         runs.append((opt, model))
     assert spy.launches == 3
-    _states_equal(*runs[0], *runs[1])
+    _states_equal(*runs[0], *runs[1], tol=dict(rtol=1e-12, atol=1e-12))  # float64 steps from the same start
 
 
 def _bound_plan(p, g, state, step=0.0):
@@ -649,44 +652,67 @@ class _Stub:
         pass
 
 
+def _host_timer(n_tensors):
+    """A FusedSGD over n_tensors parameters on CudaBackend with stubbed launches, and a function
+    that runs one step with fresh gradient addresses (as after zero_grad(set_to_none=True)) and
+    returns (the backend's time, the whole optimizer step's time), in this thread's CPU time (time
+    that other processes take on the machine's cores does not count). The backend is timed on its
+    own, its plan refreshed through Plan.set_grads, so the core's per-step work (timed in the
+    whole step) does not disturb its caches."""
+    params = [torch.zeros(64, requires_grad=True) for _ in range(n_tensors)]
+    opt = FusedSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, max_grad_norm=1.0, backend="reference")
+    backend = _on_cuda_backend(opt)
+    grads = [[torch.ones(64) for _ in params] for _ in range(2)]
+    steps = [0]
+
+    def fresh_grads():
+        steps[0] += 1
+        for p, g in zip(params, grads[steps[0] % 2], strict=True):
+            p.grad = g
+        return grads[steps[0] % 2]
+
+    fresh_grads()
+    opt.step()  # builds the plan and the tables
+    plan, settings, clocks = backend._plan, backend._settings, backend._clocks
+    scalars = StepScalars(None, None)
+
+    def one_step():
+        plan.set_grads(fresh_grads(), lambda row: "a parameter")
+        start = time.thread_time()
+        norm = backend.grad_norm(plan, settings, scalars)
+        backend.update(plan, settings, clocks, scalars, norm)
+        backend_s = time.thread_time() - start
+        fresh_grads()
+        start = time.thread_time()
+        opt.step()
+        return backend_s, time.thread_time() - start
+
+    return one_step, backend
+
+
 def test_host_cost_per_step(on_twin):
-    """ResNet-50's 161 parameter tensors, fresh gradients every step (zero_grad(set_to_none=True)),
-    launches stubbed: the backend's host work per step (norm + update) stays under 100 us, its
-    budget from issue 10. Timed as the best of 5 rounds of 50 steps, so a busy machine's noise
-    only raises the figure; the whole optimizer step is printed beside it."""
+    """ResNet-50's 161 parameter tensors with fresh gradients every step, launches stubbed: the
+    backend's host work per step (norm and update, the moved gradient addresses uploaded) stays
+    under 100 us (issue 10's budget), and has no Python loop over tensors: each tensor more costs
+    less than 0.1 us, the price of a single Python-level call such as Tensor.data_ptr() (while the
+    table upload's 80 bytes per tensor cost some nanoseconds). Each figure is the fastest of 200
+    interleaved steps: every step does the same work, so the fastest is the one least slowed by
+    other processes sharing the machine's caches and cores."""
     on_twin(ext=_Stub(), chunk=L.SIZES["CUDA_CHUNK"])
     with torch.device("meta"):
         n_tensors = sum(1 for _ in resnet50().parameters())
     assert n_tensors == 161
-    params = [torch.zeros(64, requires_grad=True) for _ in range(n_tensors)]
-    opt = FusedSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, max_grad_norm=1.0, backend="reference")
-    backend = _on_cuda_backend(opt)
-    spent = [0.0]
-
-    def timed(fn):
-        def run(*args):
-            start = time.perf_counter()
-            out = fn(*args)
-            spent[0] += time.perf_counter() - start
-            return out
-        return run
-
-    backend.grad_norm, backend.update = timed(backend.grad_norm), timed(backend.update)
-    grads = [[torch.ones(64) for _ in params] for _ in range(2)]
-    best_backend, best_step = math.inf, math.inf
-    for rnd in range(6):
-        spent[0], total = 0.0, 0.0
-        for i in range(50):
-            for p, g in zip(params, grads[i % 2], strict=True):
-                p.grad = g  # a new address every step, as after zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            opt.step()
-            total += time.perf_counter() - start
-        if rnd:  # the first round builds the plan and tables
-            best_backend, best_step = min(best_backend, spent[0] / 50), min(best_step, total / 50)
-    assert backend.rebuilds == 1
-    print(f"\nhost cost per step, 161 tensors: backend {best_backend * 1e6:.0f} us, whole step {best_step * 1e6:.0f} us")
-    assert best_backend < 100e-6
+    timers = {n: _host_timer(n) for n in (n_tensors, 10 * n_tensors)}
+    best = {n: (math.inf, math.inf) for n in timers}
+    for _ in range(200):
+        for n, (one_step, _) in timers.items():
+            backend_s, step_s = one_step()
+            best[n] = (min(best[n][0], backend_s), min(best[n][1], step_s))
+    assert all(backend.rebuilds == 1 for _, backend in timers.values())
+    for n, (backend_s, step_s) in best.items():
+        print(f"\nhost cost per step, {n} tensors: backend {backend_s * 1e6:.0f} us, whole step {step_s * 1e6:.0f} us")
+    assert best[n_tensors][0] < 100e-6
+    assert (best[10 * n_tensors][0] - best[n_tensors][0]) / (9 * n_tensors) < 0.1e-6
 
 
 # ---------------------------------------------------------------------------- CUDA graph capture

@@ -144,11 +144,22 @@ class _Tables:
         self.first_blocks = tuple(int(first[b.start]) for b in plan.buckets)
         self.block_counts = tuple(int(per[b.start:b.stop].sum()) for b in plan.buckets)
         dev = plan.device
-        self.table = torch.empty((self.n_tensors, L.TENSOR_COLS), dtype=torch.int64, device=dev)
+        self.index = -1 if dev.type != "cuda" else dev.index  # the launches' device (-1: the host twin's)
         self.blocks = torch.empty(self.n_blocks, dtype=torch.int32, device=dev)
         _upload(np.repeat(np.arange(self.n_tensors, dtype=np.int32), per), self.blocks)
         self.scratch = torch.empty((self.n_tensors + 1, L.COEF_COLS), dtype=torch.float64, device=dev)
         self.partials = torch.empty(max(self.n_blocks, 1), dtype=torch.float64, device=dev)
+        self.scratch_ptr, self.partials_ptr = self.scratch.data_ptr(), self.partials.data_ptr()
+        self.set_table(torch.empty((self.n_tensors, L.TENSOR_COLS), dtype=torch.int64, device=dev))
+
+    def set_table(self, table: torch.Tensor) -> None:
+        """Use ``table`` as the device tensor table (the launch arguments follow it)."""
+        self.table = table
+        # the leading arguments of fused_lr._cuda's norm and step (after step's rule)
+        self.norm_head = (table.data_ptr(), self.blocks.data_ptr(), self.dtypes, self.first_blocks, self.block_counts,
+                          self.n_blocks)
+        self.step_head = (table.data_ptr(), self.blocks.data_ptr(), self.n_tensors, self.dtypes, self.first_blocks,
+                          self.block_counts)
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
         return self.table, self.blocks, self.scratch, self.partials
@@ -183,6 +194,9 @@ class _Groups:
         _upload(settings.hyper, self.hyper)
         _upload(settings.schedules, self.sched)
         _upload(lr_rows, self.lrs)
+        lrs = self.lrs.data_ptr()
+        # step's arguments from hyper to n_groups
+        self.head = (self.hyper.data_ptr(), self.sched.data_ptr(), lrs, lrs + 8 * n)
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
         return self.hyper, self.sched, self.lrs, self.stage
@@ -197,7 +211,7 @@ def _upload(array: np.ndarray, out: torch.Tensor) -> None:
     host = torch.from_numpy(array)
     if out.device.type == "cuda":
         host = host.pin_memory()
-    out.copy_(host.view(out.shape), non_blocking=True)
+    out.copy_(host, non_blocking=True)
 
 
 class CudaBackend:
@@ -218,6 +232,8 @@ class CudaBackend:
         # (an upload that would write one writes a fresh buffer instead).
         self._held: list[torch.Tensor] = []
         self._held_ids: set[int] = set()
+        self._norm: torch.Tensor | None = None  # the last norm grad_norm returned (known good)
+        self._clocks: torch.Tensor | None = None  # the last clocks that passed the checks
 
     def unsupported(self, plan: Plan) -> str | None:
         if plan.rule != L.RULE_SGD:
@@ -252,8 +268,8 @@ class CudaBackend:
             if plan.state_version != self._checked:
                 check_rows(plan, self._codes)
                 self._checked = plan.state_version
-            plan.refresh_alignment()  # gradients may have moved to addresses of another alignment
-            tabs.table = self._fresh_if_held(tabs.table)
+            if id(tabs.table) in self._held_ids:
+                tabs.set_table(torch.empty_like(tabs.table))
             _upload(plan.table, tabs.table)
             self._versions = versions
         return tabs
@@ -282,13 +298,12 @@ class CudaBackend:
     def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars) -> torch.Tensor:
         capturing = _capturing(plan.device)
         tabs = self._tables_for(plan, capturing)
-        norm = torch.empty((), dtype=plan.norm_dtype, device=plan.device)
+        norm = self._norm = torch.empty((), dtype=plan.norm_dtype, device=plan.device)
         keep = []
         clip = settings.clip_value
-        self._ext.norm(tabs.table.data_ptr(), tabs.blocks.data_ptr(), tabs.dtypes, tabs.first_blocks,
-                       tabs.block_counts, tabs.n_blocks, _f32_ptr(scalars.grad_scale, plan.device, keep),
-                       clip is not None, clip or 0.0, tabs.partials.data_ptr(), norm.data_ptr(),
-                       norm.dtype == torch.float64, _index(plan.device), _stream(plan.device))
+        self._ext.norm(*tabs.norm_head, _f32_ptr(scalars.grad_scale, plan.device, keep), clip is not None, clip or 0.0,
+                       tabs.partials_ptr, norm.data_ptr(), norm.dtype == torch.float64, tabs.index,
+                       _stream(plan.device))
         if capturing:
             self._hold(tabs.buffers())
         return norm
@@ -296,10 +311,13 @@ class CudaBackend:
     def update(self, plan: Plan, settings: Settings, clocks: torch.Tensor, scalars: StepScalars,
                norm: torch.Tensor | None) -> None:
         dev = plan.device
-        if clocks.dtype != torch.float32 or clocks.device != dev or clocks.numel() != len(settings.groups):
-            raise RuntimeError(f"fused_lr cuda backend: the group clocks must be {len(settings.groups)} float32 values "
-                               f"on {dev}, got {clocks.numel()} {clocks.dtype} on {clocks.device}")
-        if norm is not None and (norm.dtype not in (torch.float32, torch.float64) or norm.device != dev):
+        if clocks is not self._clocks:
+            if clocks.dtype != torch.float32 or clocks.device != dev or clocks.numel() != len(settings.groups):
+                raise RuntimeError(f"fused_lr cuda backend: the group clocks must be {len(settings.groups)} float32 "
+                                   f"values on {dev}, got {clocks.numel()} {clocks.dtype} on {clocks.device}")
+            self._clocks = clocks
+        if norm is not None and norm is not self._norm and (norm.dtype not in (torch.float32, torch.float64)
+                                                            or norm.device != dev):
             raise RuntimeError(f"fused_lr cuda backend: the norm must be a float32/float64 tensor on {dev}, "
                                f"got {norm.dtype} on {norm.device}")
         capturing = _capturing(dev)
@@ -307,21 +325,12 @@ class CudaBackend:
         groups = self._groups_for(plan, settings, capturing)
         keep = []
         clip = settings.clip_value
-        lrs = groups.lrs.data_ptr()
-        self._ext.step(plan.rule, tabs.table.data_ptr(), tabs.blocks.data_ptr(), tabs.n_tensors, tabs.dtypes,
-                       tabs.first_blocks, tabs.block_counts, groups.hyper.data_ptr(), groups.sched.data_ptr(), lrs,
-                       lrs + 8 * groups.n_groups, clocks.data_ptr(), groups.n_groups, tabs.scratch.data_ptr(),
+        self._ext.step(plan.rule, *tabs.step_head, *groups.head, clocks.data_ptr(), groups.n_groups, tabs.scratch_ptr,
                        0 if norm is None else norm.data_ptr(), norm is not None and norm.dtype == torch.float64,
                        settings.max_grad_norm or 0.0, _f32_ptr(scalars.grad_scale, dev, keep),
-                       _f32_ptr(scalars.found_inf, dev, keep), clip is not None, clip or 0.0, _index(dev),
-                       _stream(dev))
+                       _f32_ptr(scalars.found_inf, dev, keep), clip is not None, clip or 0.0, tabs.index, _stream(dev))
         if capturing:
             self._hold((*tabs.buffers(), *groups.buffers()))
-
-
-def _index(device: torch.device) -> int:
-    """The CUDA device the launches go to (-1: not a CUDA device, for the host twin)."""
-    return -1 if device.type != "cuda" else device.index
 
 
 def load():
