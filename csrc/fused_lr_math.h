@@ -8,10 +8,11 @@
 //
 // Mirrors, operation for operation:
 //   eval_table            fused_lr.schedules.eval_table
-//   prepare_row           the per-tensor scalars of docs/step.md: lr = base lr x schedule(group clock),
-//                         decoupled decay factor, the momentum buffer's first use (step count == 0);
-//                         its last row: clip coefficient (fused_lr.backends.reference.clip_coef),
-//                         1/grad_scale (torch.amp.GradScaler.unscale_), go (found_inf unset)
+//   prepare_row           the per-tensor scalars of docs/step.md: lr = base lr x schedule(group clock)
+//                         x the gradient-norm rate, decoupled decay factor, the momentum buffer's
+//                         first use (step count == 0); its last row: clip coefficient
+//                         (fused_lr.backends.reference.clip_coef), 1/grad_scale
+//                         (torch.amp.GradScaler.unscale_), go (found_inf unset)
 //   processed_grad,
 //   sgd_element           fused_lr.backends.reference (processed_grad, ReferenceBackend.update) with
 //                         fused_lr.optim.sgd.FusedSGD.reference_rule
@@ -144,9 +145,12 @@ struct PrepareArgs {
   const int64_t* lr32;    // (G,): address of the group's float32 lr tensor, 0 for none
   const int64_t* lr64;    // (G,): likewise for float64 lr tensors
   const float* clocks;    // (G,): each group's schedule position k
-  const void* norm;       // the global gradient norm; null when global-norm clipping is off
+  const void* norm;       // the step's global gradient norm; null when it was not computed
   bool norm_is_double;
+  bool clip_by_norm;      // global-norm clipping at max_norm (else the norm only feeds the rate)
   double max_norm;
+  double rate_power;      // the gradient-norm rate (N + rate_eps)^-rate_power; power 0: off
+  double rate_eps;
   const float* grad_scale;  // null without a GradScaler
   const float* found_inf;   // null: the step is never skipped
   double* scratch;          // (n_tensors + 1, COEF_COLS), written here
@@ -159,7 +163,7 @@ FLR_HD void prepare_row(const PrepareArgs& a, int64_t t) {
   double* out = a.scratch + t * L::COEF_COLS;
   if (t == a.n_tensors) {
     double coef = 1.0;
-    if (a.norm != nullptr) {
+    if (a.norm != nullptr && a.clip_by_norm) {
       coef = a.norm_is_double ? clip_coef<double>(*static_cast<const double*>(a.norm), a.max_norm)
                               : static_cast<double>(clip_coef<float>(*static_cast<const float*>(a.norm), a.max_norm));
     }
@@ -174,8 +178,14 @@ FLR_HD void prepare_row(const PrepareArgs& a, int64_t t) {
   double base = h[L::H_LR];  // the kernel lr: base lr x host scale, or the host scale of a tensor lr
   if (a.lr32[g] != 0) base *= static_cast<double>(*reinterpret_cast<const float*>(a.lr32[g]));
   if (a.lr64[g] != 0) base *= *reinterpret_cast<const double*>(a.lr64[g]);
+  double rate = 1.0;
+  if (a.norm != nullptr && a.rate_power != 0.0) {
+    const double n = a.norm_is_double ? *static_cast<const double*>(a.norm)
+                                      : static_cast<double>(*static_cast<const float*>(a.norm));
+    rate = pow(n + a.rate_eps, -a.rate_power);
+  }
   const double lr = base * eval_table(a.sched + g * L::MAX_SEGMENTS * L::SEGMENT_COLS,
-                                      static_cast<double>(a.clocks[g]));
+                                      static_cast<double>(a.clocks[g])) * rate;
   out[L::C_LR] = lr;
   out[L::C_DECAY] = 1.0 - lr * h[L::H_WEIGHT_DECAY];
   out[L::C_INIT] = *reinterpret_cast<const float*>(row[L::T_STEP]) == 0.0f ? 1.0 : 0.0;

@@ -178,8 +178,11 @@ def test_eval_table_matches_python(host):
 MOMENTA = [  # (momentum, dampening, nesterov)
     (0.0, 0.0, False), (0.9, 0.0, False), (0.9, 0.0, True), (0.9, 0.3, False)]
 DECAYS = [(0.0, False), (0.05, False), (0.05, True)]  # (weight_decay, decoupled)
-NORMS = [None, 2.5, 0.1]  # with max_grad_norm 0.5: off, clipping (c = 0.2), inactive (c = 1)
+# (norm, clip by it, gradient-norm rate power): no norm; with max_grad_norm 0.5 clipping (c = 0.2) or
+# inactive (c = 1); the norm feeding only the rate; both
+NORMS = [(None, False, 0.0), (2.5, True, 0.0), (0.1, True, 0.0), (2.5, False, 0.5), (0.1, True, 0.5)]
 MAX_NORM = 0.5
+RATE_EPS = 1e-3
 LR_SCHEDULES = [S.Constant(), S.Warmup(5, S.Cosine(20), start_factor=0.1), S.Step(3, 0.5)]
 LR_KINDS = ["float", "float32 tensor", "float64 tensor"]
 N = 19  # four 16-byte packs of float32 and a tail; nine of float64 and a tail
@@ -194,9 +197,11 @@ TOL = {torch.float64: dict(rtol=1e-14, atol=1e-14), torch.float32: dict(rtol=1e-
 def _update_cases():
     combos = itertools.product([torch.float64, torch.float32], MOMENTA, DECAYS, [False, True], [None, 0.3],
                                NORMS, [None, 3.0], [(0, 0), (7, 0), (7, 3), (0, 5)])
-    for i, (dtype, mom, decay, maximize, clip, norm, scale, (clock, step)) in enumerate(combos):
+    for i, (dtype, mom, decay, maximize, clip, norms, scale, (clock, step)) in enumerate(combos):
+        norm, clip_by_norm, power = norms
         yield dict(dtype=dtype, momentum=mom, decay=decay, maximize=maximize, clip_value=clip, norm=norm,
-                   grad_scale=scale, clock=clock, step=step, schedule=LR_SCHEDULES[i % len(LR_SCHEDULES)],
+                   clip_by_norm=clip_by_norm, rate_power=power, grad_scale=scale, clock=clock, step=step,
+                   schedule=LR_SCHEDULES[i % len(LR_SCHEDULES)],
                    lr_kind=LR_KINDS[i // len(LR_SCHEDULES) % len(LR_KINDS)], seed=i)
 
 
@@ -239,7 +244,8 @@ def _reference(case, p, g, b):
     p, b = p.clone(), b.clone()
     plan = _one_tensor_plan(p, g, {"momentum_buffer": b} if group["momentum"] else {}, case["step"])
     settings = Settings(groups=[group], hyper=_hyper_row(group)[None], schedules=case["schedule"].table()[None],
-                        lr_tensors={}, max_grad_norm=MAX_NORM, clip_value=case["clip_value"],
+                        lr_tensors={}, max_grad_norm=MAX_NORM if case["clip_by_norm"] else None,
+                        clip_value=case["clip_value"], lr_norm_power=case["rate_power"], lr_norm_eps=RATE_EPS,
                         reference_rule=FusedSGD.reference_rule)
     scale = None if case["grad_scale"] is None else torch.tensor([case["grad_scale"]])
     norm = None if case["norm"] is None else torch.tensor(case["norm"], dtype=plan.norm_dtype)
@@ -252,8 +258,8 @@ def _update_line(case, p, g, b):
     dtype = "f64" if case["dtype"] == torch.float64 else "f32"
     norm, clip, scale = case["norm"], case["clip_value"], case["grad_scale"]
     head = [case["clock"], case["step"], LR_KINDS.index(case["lr_kind"]), float(group["lr"]), int(scale is not None),
-            scale or 0.0, int(norm is not None), norm or 0.0, int(case["dtype"] == torch.float64), MAX_NORM,
-            int(clip is not None), clip or 0.0, N]
+            scale or 0.0, int(norm is not None), norm or 0.0, int(case["dtype"] == torch.float64),
+            int(case["clip_by_norm"]), MAX_NORM, case["rate_power"], RATE_EPS, int(clip is not None), clip or 0.0, N]
     elems = torch.stack([p, g, b], dim=1).ravel().tolist()
     return f"update {dtype} {_fmt(_hyper_row(group))} {_fmt(case['schedule'].table().ravel())} {_fmt(head)} " \
            f"{_fmt(elems)}"
@@ -282,7 +288,8 @@ def test_grad_norm_matches_reference(host):
         group = dict(maximize=False)
         settings = Settings(groups=[group], hyper=np.zeros((1, L.HYPER_COLS)),
                             schedules=np.zeros((1, L.MAX_SEGMENTS, L.SEGMENT_COLS)), lr_tensors={},
-                            max_grad_norm=None, clip_value=clip, reference_rule=FusedSGD.reference_rule)
+                            max_grad_norm=None, clip_value=clip, lr_norm_power=0.0, lr_norm_eps=1e-6,
+                            reference_rule=FusedSGD.reference_rule)
         scalars = StepScalars(None if scale is None else torch.tensor([scale]), None)
         want.append(float(ReferenceBackend().grad_norm(plan, settings, scalars)))
         dtypes.append(dtype)
@@ -363,8 +370,8 @@ def twin_lib(tmp_path_factory, generated):
                              c.c_void_p, c.c_int, c.c_double, c.c_void_p, c.c_void_p, c.c_int, c.c_int64, c.c_int]
     lib.flr_step.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int,
                              c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p,
-                             c.c_void_p, c.c_int, c.c_double, c.c_void_p, c.c_void_p, c.c_int, c.c_double, c.c_int64,
-                             c.c_int]
+                             c.c_void_p, c.c_int, c.c_int, c.c_double, c.c_double, c.c_double, c.c_void_p, c.c_void_p,
+                             c.c_int, c.c_double, c.c_int64, c.c_int]
     return lib
 
 
@@ -398,7 +405,8 @@ TWIN_CASES = {
                           schedule=S.Warmup(2, S.Cosine(6), start_factor=0.1)),
     "dampening-decoupled": dict(momentum=0.8, dampening=0.3, weight_decay=5e-2, decoupled_weight_decay=True,
                                 maximize=True, schedule=S.Step(2, 0.5)),
-    "plain-tensor-lr": dict(schedule=S.MultiStep([1, 3], 0.3), lr=torch.tensor(0.1, dtype=torch.float64)),
+    "plain-tensor-lr-rate": dict(schedule=S.MultiStep([1, 3], 0.3), lr=torch.tensor(0.1, dtype=torch.float64),
+                                 lr_norm_power=0.5, lr_norm_eps=1e-3),
 }
 
 
@@ -597,7 +605,8 @@ def _settings(momentum=0.9, lr=0.1):
     group = dict(lr=lr, momentum=momentum, dampening=0.0, nesterov=False, weight_decay=0.0,
                  decoupled_weight_decay=False, maximize=False, schedule=None)
     return Settings(groups=[group], hyper=_hyper_row(group)[None], schedules=S.Constant().table()[None],
-                    lr_tensors={}, max_grad_norm=None, clip_value=None, reference_rule=FusedSGD.reference_rule)
+                    lr_tensors={}, max_grad_norm=None, clip_value=None, lr_norm_power=0.0, lr_norm_eps=1e-6,
+                    reference_rule=FusedSGD.reference_rule)
 
 
 @pytest.mark.parametrize("bad", ["dtype", "layout", "address"])

@@ -112,12 +112,14 @@ int flr_norm(const int64_t* table, const int32_t* blocks, const int* dtypes, con
 int flr_step(int rule, const int64_t* table, const int32_t* blocks, int64_t n_tensors, const int* dtypes,
              const int64_t* first_blocks, const int64_t* n_blocks, int n_buckets, const double* hyper,
              const double* sched, const int64_t* lr32, const int64_t* lr64, float* clocks, int64_t n_groups,
-             double* scratch, const void* norm_in, int norm_is_double, double max_norm, const float* grad_scale,
-             const float* found_inf, int has_clip_value, double clip_value, int64_t chunk, int threads) {
+             double* scratch, const void* norm_in, int norm_is_double, int clip_by_norm, double max_norm,
+             double rate_power, double rate_eps, const float* grad_scale, const float* found_inf, int has_clip_value,
+             double clip_value, int64_t chunk, int threads) {
   flr::StepLaunch s;
   s.rule = rule;
-  s.prepare = {table, n_tensors, hyper, sched, lr32, lr64, clocks, norm_in, norm_is_double != 0, max_norm, grad_scale,
-               found_inf, scratch};
+  s.prepare = {table,      n_tensors, hyper,      sched,    lr32,       lr64,       clocks,   norm_in,
+               norm_is_double != 0, clip_by_norm != 0, max_norm, rate_power, rate_eps, grad_scale, found_inf,
+               scratch};
   s.update = {table, blocks, n_tensors, hyper, scratch, has_clip_value != 0, clip_value};
   s.buckets = buckets(dtypes, first_blocks, n_blocks, n_buckets);
   s.clocks = clocks;

@@ -4,7 +4,8 @@
 //
 //   table  S[MAX_SEGMENTS*SEGMENT_COLS] n k[n]     -> eval_table(S, k) for each k
 //   update f32|f64 H[HYPER_COLS] S[...] clock step lr_kind lr has_scale scale has_norm norm norm_is_double
-//          max_norm has_clip clip n (p g b)[n]   -> (p' b')[n]: one tensor through prepare_row and
+//          clip_by_norm max_norm rate_power rate_eps has_clip clip n (p g b)[n]
+//                                                -> (p' b')[n]: one tensor through prepare_row and
 //                                                   sgd_block (one thread, so every element passes
 //                                                   the same code; lr_kind 0: float lr, 1: float32
 //                                                   tensor lr, 2: float64 tensor lr)
@@ -56,7 +57,10 @@ void update(std::istream& in) {
   const bool has_norm = read1(in) != 0;
   const double norm = read1(in);
   const bool norm_is_double = read1(in) != 0;
+  const bool clip_by_norm = read1(in) != 0;
   const double max_norm = read1(in);
+  const double rate_power = read1(in);
+  const double rate_eps = read1(in);
   const bool has_clip = read1(in) != 0;
   const double clip = read1(in);
   const auto n = static_cast<int64_t>(read1(in));
@@ -78,7 +82,8 @@ void update(std::istream& in) {
   double scratch[2 * L::COEF_COLS];
   const flr::PrepareArgs a = {row, 1, hyper.data(), sched.data(), &lr32_at, &lr64_at, &clock,
                               has_norm ? (norm_is_double ? static_cast<const void*>(&norm) : &norm32) : nullptr,
-                              norm_is_double, max_norm, has_scale ? &grad_scale : nullptr, nullptr, scratch};
+                              norm_is_double, clip_by_norm, max_norm, rate_power, rate_eps,
+                              has_scale ? &grad_scale : nullptr, nullptr, scratch};
   flr::prepare_row(a, 0);
   flr::prepare_row(a, 1);
   const int32_t blocks[1] = {0};

@@ -3,15 +3,16 @@
 The extension knows nothing of torch: it takes raw device addresses and the current stream as
 integers. A step is at most two calls into it, with no host synchronisation:
 
-* ``norm`` (global-norm clipping or ``error_if_nonfinite``): per dtype bucket, a block per chunk of
-  ``CUDA_CHUNK`` elements writes the sum of squares of its processed gradients; one block sums
-  them, in a fixed order, into the norm;
+* ``norm`` (for global-norm clipping, the gradient-norm rate or ``error_if_nonfinite``): per
+  dtype bucket, a block per chunk of ``CUDA_CHUNK`` elements writes the sum of squares of its
+  processed gradients; one block sums them, in a fixed order, into the norm;
 * ``step``: ``prepare`` (a thread per tensor) writes this step's scalars to a scratch table: lr
-  from the group's clock and schedule (times a tensor lr, read on the device), the decoupled
-  decay factor, the momentum buffer's first use, and the step-wide clip coefficient,
-  1/grad_scale and found_inf; ``update`` (per bucket, a block per chunk) applies docs/step.md
-  steps 0-7 with 16-byte loads where the row is aligned; ``increment`` then advances every step
-  count and group clock unless found_inf is set.
+  from the group's clock and schedule (times a tensor lr, read on the device, and the
+  gradient-norm rate), the decoupled decay factor, the momentum buffer's first use, and the
+  step-wide clip coefficient, 1/grad_scale and found_inf; ``update`` (per bucket, a block per
+  chunk) applies docs/step.md steps 0-7 with 16-byte loads where the row is aligned;
+  ``increment`` then advances every step count and group clock unless found_inf is set
+  (docs/step.md, "Skipped steps").
 
 The device tables follow the plan (layout: fused_lr/core/layout.py). They are built once per plan
 (``rebuilds`` counts it); the tensor table is re-uploaded, into the same buffer, only when the
@@ -327,7 +328,8 @@ class CudaBackend:
         clip = settings.clip_value
         self._ext.step(plan.rule, *tabs.step_head, *groups.head, clocks.data_ptr(), groups.n_groups, tabs.scratch_ptr,
                        0 if norm is None else norm.data_ptr(), norm is not None and norm.dtype == torch.float64,
-                       settings.max_grad_norm or 0.0, _f32_ptr(scalars.grad_scale, dev, keep),
+                       settings.max_grad_norm is not None, settings.max_grad_norm or 0.0, settings.lr_norm_power,
+                       settings.lr_norm_eps, _f32_ptr(scalars.grad_scale, dev, keep),
                        _f32_ptr(scalars.found_inf, dev, keep), clip is not None, clip or 0.0, tabs.index, _stream(dev))
         if capturing:
             self._hold((*tabs.buffers(), *groups.buffers()))
