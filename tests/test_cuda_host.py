@@ -303,15 +303,14 @@ def test_grad_norm_matches_reference(host):
 
 # ---------------------------------------------------------------------------- blocks
 @pytest.mark.parametrize("chunk", [8, 1000])
-def test_blocks_cover_every_element_once(host, monkeypatch, chunk):
+def test_blocks_cover_every_element_once(host, chunk):
     """The backend's block numbering (first chunk per row, row per block) through the kernels'
     block_range: every element of every tensor in exactly one block of at most CHUNK elements."""
-    monkeypatch.setattr(cb, "CHUNK", chunk)
     numels = [0, 1, 999, 1000, 1001, 0, 0, 5000, 3, 0, 2048]
     dtypes = [torch.float32] * 6 + [torch.float64] * 5
     plan = Plan.build(torch.device("cpu"), L.RULE_SGD,
                       [(i, 0, torch.zeros(n, dtype=dt), None) for i, (n, dt) in enumerate(zip(numels, dtypes))])
-    tabs = cb._Tables(plan, {torch.float32: 0, torch.float64: 1})
+    tabs = cb._Tables(plan, {torch.float32: 0, torch.float64: 1}, chunk)
     assert tabs.block_counts == (sum(-(-n // chunk) for n in numels[:6]), sum(-(-n // chunk) for n in numels[6:]))
     assert tabs.first_blocks == (0, tabs.block_counts[0]) and tabs.n_blocks == sum(tabs.block_counts)
     pairs = [x for n, f in zip(numels, plan.table[:, L.T_FIRST_CHUNK].tolist(), strict=True) for x in (n, f)]
@@ -329,15 +328,20 @@ def _ints(values, ctype):
     return (ctype * len(values))(*values)
 
 
+def _header_with_chunk(chunk):
+    """The layout header as an extension built with ``chunk`` elements per block would report it."""
+    return L.c_header().replace(f"CUDA_CHUNK = {L.SIZES['CUDA_CHUNK']};", f"CUDA_CHUNK = {chunk};")
+
+
 class _HostTwin:
     """csrc/tests/host_launch.cpp behind fused_lr._cuda's interface, with ``chunk`` elements and
-    ``threads`` threads per block. Calls take the module's arguments; device and stream (the last
-    two) must say "no device"."""
-
-    LAYOUT_HEADER = L.c_header()  # the twin is compiled against the header generated from it
+    ``threads`` threads per block (its LAYOUT_HEADER says that chunk, so the backend numbers its
+    blocks alike). Calls take the module's arguments; device and stream (the last two) must say
+    "no device"."""
 
     def __init__(self, lib, chunk, threads):
         self.lib, self.chunk, self.threads = lib, chunk, threads
+        self.LAYOUT_HEADER = _header_with_chunk(chunk)
         self.DTYPES = {}
         while (name := lib.flr_dtype_name(len(self.DTYPES))) is not None:
             self.DTYPES[name.decode()] = len(self.DTYPES)
@@ -377,13 +381,12 @@ def twin_lib(tmp_path_factory, generated):
 
 @pytest.fixture
 def on_twin(monkeypatch, twin_lib):
-    """``on_twin(chunk, threads)`` -> the extension module the backend will use: the host twin with
-    that many elements and threads per block, on CPU tensors."""
+    """``on_twin(chunk, threads)`` -> the extension module CudaBackend() will use: the host twin with
+    that many elements and threads per block (or ``ext``), on CPU tensors."""
 
     def use(chunk=8, threads=3, ext=None):
         ext = ext or _HostTwin(twin_lib, chunk, threads)
         monkeypatch.setattr(cb, "_ext", ext)
-        monkeypatch.setattr(cb, "CHUNK", chunk)
         monkeypatch.setattr(cb.CudaBackend, "devices", frozenset({"cpu"}))
         return ext
 
@@ -707,7 +710,7 @@ def test_host_cost_per_step(on_twin):
     table upload's 80 bytes per tensor cost some nanoseconds). Each figure is the fastest of 200
     interleaved steps: every step does the same work, so the fastest is the one least slowed by
     other processes sharing the machine's caches and cores."""
-    on_twin(ext=_Stub(), chunk=L.SIZES["CUDA_CHUNK"])
+    on_twin(ext=_Stub())
     with torch.device("meta"):
         n_tensors = sum(1 for _ in resnet50().parameters())
     assert n_tensors == 161

@@ -38,8 +38,6 @@ from fused_lr.backends import BackendUnavailable
 from fused_lr.core import layout as L
 from fused_lr.core.plan import Plan, Settings, StepScalars
 
-CHUNK = L.SIZES["CUDA_CHUNK"]  # elements per block of the norm and update kernels
-
 _UNBUILT = Path(__file__).parent.parent / "_cuda_unbuilt.txt"
 _ext = None  # fused_lr._cuda once load() succeeded
 _CONSTANT = re.compile(r"constexpr [\w ]+? (\w+) = ([^;]+);")
@@ -134,9 +132,9 @@ class _Tables:
     """The device side of one plan: its tensor table, each block's row, the prepare stage's
     scratch and the norm's partial sums, with the launch description of its dtype buckets."""
 
-    def __init__(self, plan: Plan, codes: dict[torch.dtype, int]):
+    def __init__(self, plan: Plan, codes: dict[torch.dtype, int], chunk: int):
         numel = plan.table[:, L.T_NUMEL]
-        per = (numel + CHUNK - 1) // CHUNK
+        per = (numel + chunk - 1) // chunk
         first = np.cumsum(per) - per
         plan.table[:, L.T_FIRST_CHUNK] = first  # the column the plan leaves to CUDA's grid numbering
         self.n_tensors = len(numel)
@@ -219,9 +217,13 @@ class CudaBackend:
     name = "cuda"
     devices = frozenset({"cuda"})
 
-    def __init__(self):
-        self._ext = _ext
-        self._codes = {getattr(torch, name): code for name, code in _ext.DTYPES.items()}
+    def __init__(self, ext=None):
+        """``ext``: the kernels' module, fused_lr._cuda unless given (the host twin of the tests, or
+        a stub whose launches do nothing for timing the host side)."""
+        self._ext = ext = ext or _ext
+        self._codes = {getattr(torch, name): code for name, code in ext.DTYPES.items()}
+        # elements per block, as the kernels were compiled (load() holds it equal to layout.py's)
+        self._chunk = int(layout_constants(ext.LAYOUT_HEADER)["CUDA_CHUNK"])
         self.rebuilds = 0  # device tables built for a new plan (not gradient-address refreshes)
         self._plan: Plan | None = None
         self._tables: _Tables | None = None
@@ -259,7 +261,7 @@ class CudaBackend:
                 raise _capture_error("the set of tensors to step changed (a new plan)")
             if (reason := self.unsupported(plan)) is not None:
                 raise RuntimeError(f"fused_lr cuda backend: cannot run this plan: {reason}")
-            tabs = self._tables = _Tables(plan, self._codes)
+            tabs = self._tables = _Tables(plan, self._codes, self._chunk)
             self._plan, self._versions, self._checked = plan, None, None
             self.rebuilds += 1
         versions = (plan.grad_version, plan.state_version)
