@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from fused_lr import FusedSGD, backends, param_groups
+from fused_lr.core import layout
 from fused_lr.schedules import Cosine
 from fused_lr.tools import models
 
@@ -76,8 +77,27 @@ class _NoLaunch:
         return None
 
 
+class _NoCudaLaunches:
+    """fused_lr._cuda's interface with launches that do nothing."""
+
+    LAYOUT_HEADER = layout.c_header()
+    DTYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
+
+    def norm(self, *args):
+        return None
+
+    def step(self, *args):
+        return None
+
+
 def _stubbed(name: str):
     """The backend ``name`` for CPU tensors, its kernel launches replaced by no-ops."""
+    if name == "cuda":
+        from fused_lr.backends.cuda import CudaBackend
+
+        backend = CudaBackend(ext=_NoCudaLaunches())
+        backend.devices = frozenset({"cpu"})
+        return backend
     if name == "triton":
         backend = backends.create("triton", torch.device("cpu"))
         k = backend._k
@@ -97,15 +117,16 @@ def fused_contender(name: str) -> Contender:
     return _with_new_grads(params, opt.step)
 
 
-STUBBED = ("triton",)
+STUBBED = ("triton", "cuda")
 
 
 def contenders() -> dict[str, Contender]:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the stubbed Triton backend's host path on CPU tensors
     out = {"torch fused + clip_grad_norm_(foreach) + CosineAnnealingLR": torch_contender()}
     ready = backends.available_backends()
-    for name in ("reference", "numba", "triton"):
-        if ready[name] is True and "cpu" in backends.devices(name):
+    for name in ("reference", "numba", "triton", "cuda"):
+        # the CUDA backend's host side runs wherever the package imports (its launches are stubbed)
+        if name == "cuda" or (ready[name] is True and "cpu" in backends.devices(name)):
             label = f"fused_lr {name}" + (" (launches stubbed)" if name in STUBBED else "")
             out[label] = fused_contender(name)
     return out
