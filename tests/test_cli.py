@@ -133,6 +133,8 @@ def _unavailable_backend():
     (["demo", "--compare", "--schedule", "cosine"], "--compare"),
     (["demo", "--steps", "3", "--surprise"], "--surprise"),
     (["demo", "--batch-size", "5000"], "--batch-size"),
+    (["demo", "--threads", "100000"], "--threads"),
+    (["demo", "--seed", str(2**64)], "--seed"),
     # the optimizer settings are FusedSGD's own checks, made before the demo prints anything
     (["demo", "--lr", "nan"], "lr must be"),
     (["demo", "--momentum", "1.5"], "momentum must be"),

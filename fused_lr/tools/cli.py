@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from fused_lr import __version__
-from fused_lr.tools.strategies import STRATEGIES
+from fused_lr.tools.strategies import COMPARED, STRATEGIES
 
 DEMO_EPOCHS = 20
 COMPARE_EPOCHS = 8  # per run: ten runs must fit in about the time of one demo
@@ -79,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train fused_lr.tools.models.digits_resnet on scikit-learn's 8x8 handwritten digits (fixed 75/25 "
                     "split) with FusedSGD: linear warm-up then --schedule, global-norm clipping, no weight decay "
                     "on BN/bias. Prints the held-out accuracy and writes demo.png (loss, accuracy, lr, gradient "
-                    "norm per step) and demo.json to --out. With --compare: one run per seed strategy plus "
-                    "torch.optim.SGD + clip_grad_norm_ + CosineAnnealingLR as the control, "
-                    f"{COMPARE_EPOCHS} epochs each by default, no warm-up; writes compare.png and compare.csv.")
+                    "norm per step) and demo.json to --out. With --compare: one run per classic lr strategy "
+                    f"({', '.join(COMPARED)}) plus stock torch.optim.SGD + clip_grad_norm_ + CosineAnnealingLR as "
+                    f"the control, {COMPARE_EPOCHS} epochs each by default, no warm-up; writes compare.png and "
+                    "compare.csv.")
     budget = demo.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=_positive_int,
                         help=f"passes over the training set (default {DEMO_EPOCHS}; {COMPARE_EPOCHS} per run "
@@ -175,6 +177,8 @@ def _demo(args: argparse.Namespace) -> int:
     if args.compare and (args.schedule is not None or args.warmup is not None):
         raise UsageError("--schedule and --warmup set up a single run; --compare runs every strategy without "
                          "warm-up")
+    if args.threads > (os.cpu_count() or 1):
+        raise UsageError(f"--threads {args.threads}: this machine has {os.cpu_count()} logical cores")
     device = _device(args.device)
     _check_backend(args.backend, device)
     _check_out(args.out)
@@ -258,8 +262,6 @@ def _cpu_name() -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    import os
-
     import torch
 
     from fused_lr import backends

@@ -177,8 +177,12 @@ def make_optimizer(config: Config, model: nn.Module, name: str, steps: int, warm
 
 
 def check(config: Config, names: tuple[str, ...], steps: int, warmup: int = 0) -> None:
-    """Build every run's optimizer once, so that FusedSGD's own checks reject a bad setting
-    before any output, instead of in the middle of a run."""
+    """Try the seed on a generator and build every run's optimizer once, so that torch's and
+    FusedSGD's own checks reject a bad setting before any output, not in the middle of a run."""
+    try:
+        torch.Generator().manual_seed(config.seed)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"--seed {config.seed}: {e}") from None
     device = torch.device(config.device)
     for name in names:
         try:
