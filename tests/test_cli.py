@@ -4,6 +4,7 @@ start-up cost, and (marked slow) a plain install without the [demo] extra."""
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -275,3 +276,4 @@ def test_plain_install_without_extras(tmp_path):
     demo = fused_lr("demo", "--steps", "3")
     assert demo.returncode == 1 and demo.stdout == ""
     assert demo.stderr.count("\n") == 1 and "pip install 'fused_lr[demo]'" in demo.stderr, demo.stderr
+    shutil.rmtree(venv)  # 1 GB; a failing run keeps it to look into
