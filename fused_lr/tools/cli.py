@@ -1,9 +1,15 @@
-"""The ``fused-lr`` command: ``demo`` (and ``demo --compare``), ``bench``, ``info``."""
+"""The ``fused-lr`` command: ``demo`` (and ``demo --compare``), ``bench``, ``info``.
+
+Start-up imports nothing heavy: ``--help``, ``--version`` and argument errors answer without
+torch, and each command imports what it uses. The demo's extra packages (``fused_lr[demo]``)
+are checked for before the demo is imported, so a plain install gets a one-line hint.
+"""
 
 from __future__ import annotations
 
 import argparse
-import math
+import importlib.util
+import os
 import platform
 import sys
 import tempfile
@@ -11,14 +17,25 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from fused_lr import __version__, backends
+from fused_lr import __version__
+from fused_lr.tools.strategies import COMPARED, STRATEGIES
 
 DEMO_EPOCHS = 20
 COMPARE_EPOCHS = 8  # per run: ten runs must fit in about the time of one demo
+# import name -> distribution, for the packages the [demo] extra installs
+DEMO_EXTRA = {"rich": "rich", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 
 
-class UsageError(Exception):
-    """A bad argument found after parsing; reported in one line, without a traceback."""
+class CommandError(Exception):
+    """A command that cannot go on; reported in one line, without a traceback."""
+
+    exit_code = 1
+
+
+class UsageError(CommandError):
+    """A bad argument found after parsing."""
+
+    exit_code = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,27 +57,19 @@ def _integer(minimum: int):
     return parse
 
 
-def _number(minimum: float, inclusive: bool):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {minimum}, "
-                                             f"got {text}")
-        return value
-
-    return parse
+def _number(text: str) -> float:
+    """Any float: the ranges are FusedSGD's to check (see demo.check), so the CLI cannot
+    disagree with the library about them."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
 _positive_int, _non_negative_int = _integer(1), _integer(0)
-_positive_float, _non_negative_float = _number(0.0, inclusive=False), _number(0.0, inclusive=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import STRATEGIES
-
     parser = _Parser(prog="fused-lr", description="fused_lr: clipping, weight decay, momentum and a scheduled "
                      "lr in one fused optimizer step.")
     parser.add_argument("--version", action="version", version=f"fused_lr {__version__}")
@@ -71,35 +80,40 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train fused_lr.tools.models.digits_resnet on scikit-learn's 8x8 handwritten digits (fixed 75/25 "
                     "split) with FusedSGD: linear warm-up then --schedule, global-norm clipping, no weight decay "
                     "on BN/bias. Prints the held-out accuracy and writes demo.png (loss, accuracy, lr, gradient "
-                    "norm per step) and demo.json to --out. With --compare: one run per seed strategy plus "
-                    "torch.optim.SGD + clip_grad_norm_ + CosineAnnealingLR as the control, "
-                    f"{COMPARE_EPOCHS} epochs each by default, no warm-up; writes compare.png and compare.csv.")
+                    "norm per step) and demo.json to --out. With --compare: one run per classic lr strategy "
+                    f"({', '.join(COMPARED)}) plus stock torch.optim.SGD + clip_grad_norm_ + CosineAnnealingLR as "
+                    f"the control, {COMPARE_EPOCHS} epochs each by default, no warm-up; writes compare.png and "
+                    "compare.csv.")
     budget = demo.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=_positive_int,
                         help=f"passes over the training set (default {DEMO_EPOCHS}; {COMPARE_EPOCHS} per run "
                              "with --compare)")
     budget.add_argument("--steps", type=_positive_int, help="optimizer steps in total, instead of --epochs")
     demo.add_argument("--batch-size", type=_positive_int, default=64, help="default 64")
-    demo.add_argument("--lr", type=_positive_float, default=0.1, help="peak learning rate (default 0.1)")
-    demo.add_argument("--momentum", type=_non_negative_float, default=0.9, help="default 0.9")
-    demo.add_argument("--weight-decay", type=_non_negative_float, default=5e-4,
+    demo.add_argument("--lr", type=_number, default=0.1, help="peak learning rate (default 0.1)")
+    demo.add_argument("--momentum", type=_number, default=0.9, help="default 0.9")
+    demo.add_argument("--weight-decay", type=_number, default=5e-4,
                       help="on conv and linear weights only (default 5e-4)")
-    demo.add_argument("--max-grad-norm", type=_positive_float, default=1.0, help="global-norm clipping (default 1)")
+    demo.add_argument("--max-grad-norm", type=_number, default=1.0, help="global-norm clipping (default 1)")
     demo.add_argument("--schedule", choices=sorted(STRATEGIES), default=None,
                       help="the lr schedule after warm-up (default cosine; not with --compare)")
     demo.add_argument("--warmup", type=_non_negative_int, default=None,
                       help="linear warm-up steps (default 5%% of the steps; not with --compare)")
     demo.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default 0)")
-    demo.add_argument("--backend", choices=("auto", *backends.NAMES), default="auto",
-                      help="FusedSGD backend (default auto: the best one available for --device)")
+    demo.add_argument("--backend", default="auto",
+                      help="FusedSGD backend: auto (the default: the best one available for --device) or one of "
+                           "those `fused-lr info` lists")
     demo.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:N")
+    demo.add_argument("--dtype", default="float32",
+                      help="float32 (default) or float64, for the model and the data; float64 shows that FusedSGD's "
+                           "cosine run and the torch control of --compare differ only by rounding")
     demo.add_argument("--threads", type=_positive_int, default=1,
                       help="CPU threads for torch and the numba kernels (default 1: the model is small, so extra "
                            "threads gain little on idle cores and cost many-fold on busy ones)")
     demo.add_argument("--out", type=Path, default=Path("fused_lr_out"),
                       help="folder for the PNG and the metrics (default ./fused_lr_out)")
     demo.add_argument("--compare", action="store_true",
-                      help="compare the seeds' lr strategies and a stock torch control instead")
+                      help="compare nine lr strategies and a stock torch control instead")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
 
@@ -130,11 +144,14 @@ def _device(name: str):
 
 
 def _check_backend(name: str, device) -> None:
+    from fused_lr import backends
+
+    try:
+        backends.check_name(name)  # FusedSGD's own check: a known name, usable here
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--backend {name}: {e}") from None
     if name == "auto":
         return
-    status = backends.available_backends()[name]
-    if status is not True:
-        raise UsageError(f"--backend {name} is unavailable: {status}")
     if device.type not in backends.devices(name):
         raise UsageError(f"--backend {name} runs on {'/'.join(sorted(backends.devices(name)))} tensors, "
                          f"not on --device {device}")
@@ -150,20 +167,25 @@ def _check_out(out: Path) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    missing = [dist for module, dist in DEMO_EXTRA.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise CommandError(f"the demo needs {', '.join(missing)}: pip install 'fused_lr[demo]'")
     from rich.console import Console
 
-    from .demo import Config, ConfigError, run_compare, run_demo
+    from .demo import Config, ConfigError, Diverged, run_compare, run_demo
 
     if args.compare and (args.schedule is not None or args.warmup is not None):
         raise UsageError("--schedule and --warmup set up a single run; --compare runs every strategy without "
                          "warm-up")
+    if args.threads > (os.cpu_count() or 1):
+        raise UsageError(f"--threads {args.threads}: this machine has {os.cpu_count()} logical cores")
     device = _device(args.device)
     _check_backend(args.backend, device)
     _check_out(args.out)
     config = Config(steps=args.steps, epochs=args.epochs or (COMPARE_EPOCHS if args.compare else DEMO_EPOCHS),
                     batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                     max_grad_norm=args.max_grad_norm, warmup=args.warmup, schedule=args.schedule or "cosine",
-                    seed=args.seed, backend=args.backend, device=str(device))
+                    seed=args.seed, backend=args.backend, device=str(device), dtype=args.dtype)
     console = None if args.no_progress else Console(stderr=True)
     if console is not None and not console.is_terminal:
         console.width = 120  # a log gets the final state of each bar: keep the metrics on one line
@@ -172,6 +194,8 @@ def _demo(args: argparse.Namespace) -> int:
             (run_compare if args.compare else run_demo)(config, args.out, console)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    except Diverged as e:
+        raise CommandError(str(e)) from None
     return 0
 
 
@@ -205,7 +229,7 @@ def _bench(argv: list[str]) -> int:
     except ModuleNotFoundError as e:
         if e.name != "fused_lr.tools.bench":
             raise
-        raise UsageError("this installation has no fused_lr.tools.bench") from None
+        raise CommandError("this installation has no fused_lr.tools.bench") from None
     try:
         return bench_main(argv)
     except SystemExit as e:  # its own argparse: --help, or a bad argument it has reported
@@ -238,9 +262,9 @@ def _cpu_name() -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    import os
-
     import torch
+
+    from fused_lr import backends
 
     print(f"fused_lr {__version__}")
     print(f"python   {platform.python_version()} ({platform.python_implementation()}, {sys.platform})")
@@ -272,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         return _exit_code(e)
     try:
         return _bench(rest) if args.command == "bench" else args.func(args)
-    except UsageError as e:
+    except CommandError as e:
         print(f"fused-lr {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"fused-lr {args.command}: interrupted", file=sys.stderr)
         return 130
