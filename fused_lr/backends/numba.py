@@ -22,6 +22,7 @@ from fused_lr.core.plan import Plan, Settings, StepScalars
 from fused_lr.kernels import numba_kernels as K
 
 CHUNK = L.SIZES["NUMBA_CHUNK"]
+SERIAL_BELOW = 1 << 16  # elements in a dtype bucket under which one thread beats waking the pool
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -43,6 +44,9 @@ class _Work:
         order = by_size[np.argsort(np.arange(len(by_size)) * _GOLDEN % 1.0, kind="stable")]
         self.chunk_t, self.chunk_lo, self.chunk_hi = chunk_t[order], chunk_lo[order], chunk_hi[order]
         self.consts = np.zeros((len(numel), K.CONST_COLS), dtype=np_dtype)
+        small = int(numel.sum()) < SERIAL_BELOW
+        self.sumsq = K.sumsq_serial if small else K.sumsq
+        self.update = K.update_serial if small else K.update
 
 
 class NumbaBackend:
@@ -78,7 +82,7 @@ class NumbaBackend:
         total = 0.0
         for rows, w in self._work_for(plan):
             s = np.array([self._inv_scale(scalars), clip], dtype=w.np_dtype)
-            total += K.sumsq(plan.table[rows], w.chunk_t, w.chunk_lo, w.chunk_hi, s)
+            total += w.sumsq(plan.table[rows], w.chunk_t, w.chunk_lo, w.chunk_hi, s)
         return torch.tensor(math.sqrt(total), dtype=plan.norm_dtype)
 
     def update(self, plan: Plan, settings: Settings, clocks: torch.Tensor, scalars: StepScalars,
@@ -103,7 +107,7 @@ class NumbaBackend:
         for rows, w in self._work_for(plan):
             table = plan.table[rows]
             K.prepare(table, hyper, settings.schedules, ks, s, w.consts, plan.rule)
-            K.update(table, w.chunk_t, w.chunk_lo, w.chunk_hi, hyper, w.consts, plan.rule)
+            w.update(table, w.chunk_t, w.chunk_lo, w.chunk_hi, hyper, w.consts, plan.rule)
         ks += 1  # after every dtype's call read them
 
 

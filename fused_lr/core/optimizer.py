@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from fused_lr import backends
 from fused_lr.core import layout as L
@@ -36,6 +37,7 @@ _GRAD = operator.attrgetter("grad")
 _IS_NONE = functools.partial(operator.is_, None)
 _DATA_PTR = torch.Tensor.data_ptr
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_GLOBAL_HOOKS = (_global_optimizer_pre_hooks, _global_optimizer_post_hooks)
 
 # declared by every optimizer (docs/step.md steps 1, 4, 5)
 COMMON = (
@@ -43,6 +45,13 @@ COMMON = (
     Hyper("decoupled_weight_decay", False, flag()),
     Hyper("maximize", False, flag()),
 )
+
+
+def _HOOKS_OR_PROFILER(opt) -> bool:
+    """Whether torch's step wrapper has anything to do: a step hook (this optimizer's or global)
+    or a running autograd profiler."""
+    return bool(opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks or _GLOBAL_HOOKS[0]
+                or _GLOBAL_HOOKS[1]) or torch.autograd._profiler_enabled()
 
 
 def _rate_problems(power, eps) -> tuple[str | None, str | None]:
@@ -509,8 +518,22 @@ class FusedOptimizer(Optimizer):
     # step is a few fused launches planned in Python; tracing it would gain nothing and would
     # guard on every group's hyper-parameters (a recompile whenever a scheduler moves the lr).
     @torch.compiler.disable
-    @torch.no_grad()
     def step(self, closure=None):
+        """One fused step (docs/step.md). ``closure`` re-evaluates the loss, as for torch's optimizers."""
+        if _HOOKS_OR_PROFILER(self):
+            return self._hooked_step(closure)
+        return self._step(closure)
+
+    # torch.optim.Optimizer wraps an unmarked step() in its own wrapper (a profiler range and the
+    # step hooks), which costs tens of microseconds a step; this step calls that wrapper only when a
+    # hook is registered or the profiler runs.
+    step.hooked = True
+
+    def _hooked_step(self, closure):
+        return Optimizer.profile_hook_step(type(self)._step)(self, closure)
+
+    @torch.no_grad()
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -148,8 +148,11 @@ class Plan:
                 or any(grads[i].stride() != st for i, st in self._expect[2]):
             grads = [self._conforming(i, g, where) for i, g in enumerate(grads)]
             ptrs = list(map(_DATA_PTR, grads))
-        self.table[:, L.T_GRAD] = ptrs
-        self.table[:, L.T_ALIGNED] = self._aligned & (self.table[:, L.T_GRAD] % 16 == 0)
+        grad_col = self.table[:, L.T_GRAD]
+        grad_col[:] = ptrs
+        # allocators hand out 16-byte aligned blocks, so the per-row test is rarely needed
+        self.table[:, L.T_ALIGNED] = self._aligned if not np.bitwise_or.reduce(grad_col) & 15 \
+            else self._aligned & (grad_col % 16 == 0)
         self._grad_ptrs = ptrs
         self.grads = grads
         self.grad_version += 1

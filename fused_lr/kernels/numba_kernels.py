@@ -237,12 +237,18 @@ def update(table, chunk_t, chunk_lo, chunk_hi, hyper, consts, rule):
         carray(_pointer(table[t, T_STEP], k_like), 1)[0] += 1
 
 
+# The same passes on one thread, for work too small to pay for waking the thread pool (a few
+# hundred thousand elements take less than the pool's start-up).
+sumsq_serial = njit(cache=True, fastmath={"reassoc"})(sumsq.py_func)
+update_serial = njit(cache=True)(update.py_func)
+
+
 @njit(cache=True)
 def _layout_id():
     return _LAYOUT_ID
 
 
 if _layout_id() != _LAYOUT_ID:  # machine code cached against another layout: compile afresh
-    for _kernel in (_layout_id, eval_table, sumsq, prepare, update):
+    for _kernel in (_layout_id, eval_table, sumsq, prepare, update, sumsq_serial, update_serial):
         _kernel._cache.flush()
         _kernel.recompile()
