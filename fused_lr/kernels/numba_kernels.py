@@ -70,7 +70,7 @@ def sumsq(table, chunk_t, chunk_lo, chunk_hi, scalars):
     return partial.sum()
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def prepare(table, hyper, schedules_, clocks, scalars, consts, rule):
     """Per tensor: lr = kernel lr x schedule(group clock) x the gradient-norm rate, the rule's
     coefficients from the tensor's step count (bias corrections, Adagrad's decay), and every scalar
@@ -111,30 +111,39 @@ def prepare(table, hyper, schedules_, clocks, scalars, consts, rule):
             c[C_R0] = h[H_R1]  # eps
 
 
-@njit(inline="always")
-def _common(g, w, cs, maximize, decay, decoupled):
+@njit(inline="always", error_model="numpy")
+def _common(g, w, k, maximize, decay, decoupled):
     """docs/step.md steps 0-5 on one element: the processed, clipped and (coupled) decayed
-    gradient, and the (decoupled) decayed parameter."""
-    x = g * cs[C_INV]
+    gradient, and the (decoupled) decayed parameter. ``k`` = (1/scale, clip, coef, wd, keep), held
+    in locals by the caller: loads from the constants array inside the loop could alias the
+    tensors' stores, so LLVM would reload them every element and not vectorise."""
+    inv, clip, coef, wd, keep = k
+    x = g * inv
     if maximize:
         x = -x
-    x = min(max(x, -cs[C_CLIP]), cs[C_CLIP]) * cs[C_COEF]
+    x = min(max(x, -clip), clip) * coef
     if decay:
         if decoupled:
-            w = w * cs[C_KEEP]
+            w = w * keep
         else:
-            x = x + cs[C_WD] * w
+            x = x + wd * w
     return x, w
 
 
 @njit(inline="always")
+def _commons(cs):
+    return cs[C_INV], cs[C_CLIP], cs[C_COEF], cs[C_WD], cs[C_KEEP]
+
+
+@njit(inline="always", error_model="numpy")
 def _sgd_chunk(p, g, b, cs, flags, decay, momentum):
     """The SGD rule on one chunk (b is unused without momentum)."""
+    k = _commons(cs)
     neg_lr, mu, gain = cs[C_NEGLR], cs[C_R0], cs[C_R1]
     maximize, nesterov, decoupled = (flags & F_MAXIMIZE) != 0, (flags & F_NESTEROV) != 0, (flags & F_DECOUPLED) != 0
     first = cs[C_INIT] != 0
     for i in range(p.shape[0]):
-        x, w = _common(g[i], p[i], cs, maximize, decay, decoupled)
+        x, w = _common(g[i], p[i], k, maximize, decay, decoupled)
         if momentum:
             m = x if first else b[i] * mu + gain * x
             b[i] = m
@@ -142,19 +151,20 @@ def _sgd_chunk(p, g, b, cs, flags, decay, momentum):
         p[i] = w + neg_lr * x
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _lerp(a, b, w):
     """torch.lerp's two formulas, chosen by the weight as torch chooses them."""
     return a + w * (b - a) if w < 0.5 else b - (b - a) * (1 - w)
 
 
-@njit(inline="always")
-def _adam_chunk(p, g, m, v, vmax, cs, flags, decay):
+@njit(inline="always", error_model="numpy")
+def _adam_chunk(p, g, m, v, vmax, cs, flags, decay, amsgrad):
     """The Adam rule on one chunk; vmax is read and written only with amsgrad."""
+    k = _commons(cs)
     neg_step, w1, b2, w2, bc2, eps = cs[C_NEGLR], cs[C_R0], cs[C_R1], cs[C_R2], cs[C_R3], cs[C_R4]
-    maximize, decoupled, amsgrad = (flags & F_MAXIMIZE) != 0, (flags & F_DECOUPLED) != 0, (flags & F_AMSGRAD) != 0
+    maximize, decoupled = (flags & F_MAXIMIZE) != 0, (flags & F_DECOUPLED) != 0
     for i in range(p.shape[0]):
-        x, w = _common(g[i], p[i], cs, maximize, decay, decoupled)
+        x, w = _common(g[i], p[i], k, maximize, decay, decoupled)
         mi = _lerp(m[i], x, w1)
         vi = v[i] * b2 + w2 * x * x
         m[i] = mi
@@ -165,13 +175,14 @@ def _adam_chunk(p, g, m, v, vmax, cs, flags, decay):
         p[i] = w + neg_step * mi / (np.sqrt(vi) / bc2 + eps)
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _rmsprop_chunk(p, g, s, b, c, cs, flags, decay, momentum, centered):
     """The RMSprop rule on one chunk; b (momentum) and c (centered) are used only when enabled."""
+    k = _commons(cs)
     neg_lr, alpha, w1, eps, mu = cs[C_NEGLR], cs[C_R0], cs[C_R1], cs[C_R2], cs[C_R3]
     maximize = (flags & F_MAXIMIZE) != 0
     for i in range(p.shape[0]):
-        x, w = _common(g[i], p[i], cs, maximize, decay, False)
+        x, w = _common(g[i], p[i], k, maximize, decay, False)
         si = s[i] * alpha + w1 * x * x
         s[i] = si
         if centered:
@@ -188,19 +199,22 @@ def _rmsprop_chunk(p, g, s, b, c, cs, flags, decay, momentum, centered):
             p[i] = w + neg_lr * x / avg
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _adagrad_chunk(p, g, s, cs, flags, decay):
     """The Adagrad rule on one chunk."""
+    k = _commons(cs)
     neg_clr, eps = cs[C_NEGLR], cs[C_R0]
     maximize = (flags & F_MAXIMIZE) != 0
     for i in range(p.shape[0]):
-        x, w = _common(g[i], p[i], cs, maximize, decay, False)
+        x, w = _common(g[i], p[i], k, maximize, decay, False)
         si = s[i] + x * x
         s[i] = si
         p[i] = w + neg_clr * x / (np.sqrt(si) + eps)
 
 
-@njit(parallel=True, cache=True)
+# error_model="numpy": a float division by zero gives inf/nan as in torch, instead of Python's
+# ZeroDivisionError check on every element (which also stops LLVM from vectorising the loop)
+@njit(parallel=True, cache=True, error_model="numpy")
 def update(table, chunk_t, chunk_lo, chunk_hi, hyper, consts, rule):
     """The update of every chunk, then every tensor's step count + 1 (the host advances the group
     clocks once every dtype's call has read them)."""
@@ -212,23 +226,37 @@ def update(table, chunk_t, chunk_lo, chunk_hi, hyper, consts, rule):
         p = carray(_pointer(table[t, T_PARAM], consts), n)[lo:hi]
         g = carray(_pointer(table[t, T_GRAD], consts), n)[lo:hi]
         decay = h[H_WD] != 0
+        # Each optional state gets its own call with the flag as a constant, so the inlined loop of
+        # each variant never touches the stand-in array of an absent state: a stand-in aliasing a
+        # real one would make LLVM's run-time overlap test fail and run the loop unvectorised.
         if rule == RULE_SGD:
-            momentum = h[H_R0] != 0
-            b = carray(_pointer(table[t, T_STATE0 if momentum else T_PARAM], consts), n)[lo:hi]
-            _sgd_chunk(p, g, b, consts[t], flags, decay, momentum)
+            if h[H_R0] != 0:
+                b = carray(_pointer(table[t, T_STATE0], consts), n)[lo:hi]
+                _sgd_chunk(p, g, b, consts[t], flags, decay, True)
+            else:
+                _sgd_chunk(p, g, p, consts[t], flags, decay, False)
         elif rule == RULE_ADAM:
             m = carray(_pointer(table[t, T_STATE0], consts), n)[lo:hi]
             v = carray(_pointer(table[t, T_STATE1], consts), n)[lo:hi]
-            vmax = carray(_pointer(table[t, T_STATE2 if (flags & F_AMSGRAD) != 0 else T_STATE1], consts), n)[lo:hi]
-            _adam_chunk(p, g, m, v, vmax, consts[t], flags, decay)
+            if (flags & F_AMSGRAD) != 0:
+                vmax = carray(_pointer(table[t, T_STATE2], consts), n)[lo:hi]
+                _adam_chunk(p, g, m, v, vmax, consts[t], flags, decay, True)
+            else:
+                _adam_chunk(p, g, m, v, v, consts[t], flags, decay, False)
         elif rule == RULE_RMSPROP:
-            momentum, centered = h[H_R2] > 0, (flags & F_CENTERED) != 0
             s = carray(_pointer(table[t, T_STATE0], consts), n)[lo:hi]
             # state order: square_avg, then momentum_buffer if momentum, then grad_avg if centered
-            b = carray(_pointer(table[t, T_STATE1 if momentum else T_STATE0], consts), n)[lo:hi]
-            c = carray(_pointer(table[t, (T_STATE2 if momentum else T_STATE1) if centered else T_STATE0], consts),
-                       n)[lo:hi]
-            _rmsprop_chunk(p, g, s, b, c, consts[t], flags, decay, momentum, centered)
+            b = carray(_pointer(table[t, T_STATE1], consts), n)[lo:hi]
+            c = carray(_pointer(table[t, T_STATE2], consts), n)[lo:hi]
+            momentum, centered = h[H_R2] > 0, (flags & F_CENTERED) != 0
+            if momentum and centered:
+                _rmsprop_chunk(p, g, s, b, c, consts[t], flags, decay, True, True)
+            elif momentum:
+                _rmsprop_chunk(p, g, s, b, s, consts[t], flags, decay, True, False)
+            elif centered:
+                _rmsprop_chunk(p, g, s, s, b, consts[t], flags, decay, False, True)
+            else:
+                _rmsprop_chunk(p, g, s, s, s, consts[t], flags, decay, False, False)
         elif rule == RULE_ADAGRAD:
             s = carray(_pointer(table[t, T_STATE0], consts), n)[lo:hi]
             _adagrad_chunk(p, g, s, consts[t], flags, decay)
@@ -240,7 +268,7 @@ def update(table, chunk_t, chunk_lo, chunk_hi, hyper, consts, rule):
 # The same passes on one thread, for work too small to pay for waking the thread pool (a few
 # hundred thousand elements take less than the pool's start-up).
 sumsq_serial = njit(cache=True, fastmath={"reassoc"})(sumsq.py_func)
-update_serial = njit(cache=True)(update.py_func)
+update_serial = njit(cache=True, error_model="numpy")(update.py_func)
 
 
 @njit(cache=True)
