@@ -10,7 +10,8 @@ import torch
 from cases import backend_cases, batches, make_model, max_rel_diff
 from torch.optim import lr_scheduler as lrs
 
-from fused_lr import FusedAdagrad, FusedAdam, FusedAdamW, FusedRMSprop, FusedSGD, schedules
+from fused_lr import FusedAdagrad, FusedAdam, FusedAdamW, FusedRMSprop, FusedSGD, available_backends, schedules
+from fused_lr.backends import devices
 
 FAMILY = {
     "adamw": (FusedAdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
@@ -142,3 +143,38 @@ def test_gradient_norm_rate(name, backend, device):
         opt.step()
         ref.step()
     assert max_rel_diff(model, twin) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", FAMILY)
+def test_half_precision_is_float32_math_rounded_once(name, dtype):
+    """16-bit parameters and state are computed in float32 and rounded once per stored value
+    (docs/step.md): the triton kernels' step equals the float32 reference's step on the same values,
+    rounded to the parameter dtype, within one ulp of it (FMA contraction can move a float32 value
+    across a rounding boundary). State starts from random values at step count 3 (bias corrections
+    and Adagrad's decay in play)."""
+    if available_backends()["triton"] is not True or "cpu" not in devices("triton"):
+        pytest.skip("the Triton interpreter runs on CPU tensors only")
+    ours_cls, _, kw = FAMILY[name]
+    gen = torch.Generator().manual_seed(3)
+    p16 = torch.randn(3000, generator=gen).to(dtype).requires_grad_()
+    p32 = p16.detach().float().requires_grad_()
+    grad = torch.randn(3000, generator=gen).to(dtype)
+    opts = {}
+    for p, backend in ((p16, "triton"), (p32, "reference")):
+        opt = opts[backend] = ours_cls([p], backend=backend, max_grad_norm=5.0, clip_value=1.5,
+                                       schedule=schedules.Cosine(10), **kw)
+        names = opt.state_names(opt.param_groups[0])
+        g = torch.Generator().manual_seed(4)  # the same state values for both
+        # second moments above the squared first (RMSprop's centered variance stays positive)
+        opt.state[p] = {"step": torch.tensor(3.0), **{
+            n: (torch.rand(3000, generator=g) * 0.5 + (1.0 if n in ("exp_avg_sq", "max_exp_avg_sq", "square_avg")
+                                                      else 0.0)).to(dtype).to(p.dtype) for n in names}}
+        p.grad = grad.to(p.dtype)
+        opt.step()
+    one_ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(p16.detach().float(), p32.detach().to(dtype).float(), rtol=one_ulp, atol=1e-6)
+    for n, t in opts["triton"].state[p16].items():
+        if n != "step":
+            ref = opts["reference"].state[p32][n]
+            torch.testing.assert_close(t.float(), ref.to(dtype).float(), rtol=one_ulp, atol=1e-6, msg=n)
