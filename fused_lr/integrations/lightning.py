@@ -1,10 +1,11 @@
 """PyTorch Lightning: one place clips the gradients (docs/frameworks.md).
 
 ``Trainer(gradient_clip_val=...)`` makes Lightning clip the gradients in a pass of its own just
-before ``optimizer.step``; ``FusedSGD(max_grad_norm=..., clip_value=...)`` clips inside its fused
-step. With both set the gradients are clipped twice, and the tighter threshold silently wins.
-:class:`FusedClipCheck` refuses that combination when training starts, before any step, and
-also Lightning's clipping under a GradScaler, which cannot work with FusedSGD.
+before ``optimizer.step``; a fused_lr optimizer (``FusedSGD(max_grad_norm=..., clip_value=...)``,
+FusedAdamW, ...) clips inside its fused step. With both set the gradients are clipped twice, and
+the tighter threshold silently wins. :class:`FusedClipCheck` refuses that combination when
+training starts, before any step, and also Lightning's clipping under a GradScaler, which cannot
+work with a fused_lr optimizer.
 
 The package registers :func:`callbacks` under Lightning's ``lightning.pytorch.callbacks_factory``
 entry point, so every ``lightning.pytorch.Trainer`` carries the check without being asked.
@@ -17,22 +18,22 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from fused_lr import FusedSGD
+from fused_lr.core.optimizer import FusedOptimizer
 
 
-def _own_clipping(opt: FusedSGD) -> list[str]:
+def _own_clipping(opt: FusedOptimizer) -> list[str]:
     return [f"{name}={value}" for name, value in (("max_grad_norm", opt.max_grad_norm),
                                                   ("clip_value", opt.clip_value)) if value is not None]
 
 
 class FusedClipCheck(Callback):
-    """Raise when ``Trainer(gradient_clip_val=...)`` cannot sensibly clip for a FusedSGD.
+    """Raise when ``Trainer(gradient_clip_val=...)`` cannot sensibly clip for a fused_lr optimizer.
 
-    Refused: the Trainer and a FusedSGD both clipping; and the Trainer clipping under a GradScaler
-    (``precision="16-mixed"``), where FusedSGD unscales the gradients inside its step, after
-    Lightning's clipping would run (Lightning itself raises at the first step then). Lightning's
-    clipping alone, with ``FusedSGD(max_grad_norm=None, clip_value=None)``, and FusedSGD's alone
-    are both fine. Where the LightningModule overrides ``configure_gradient_clipping``, that hook
+    Refused: the Trainer and the optimizer both clipping; and the Trainer clipping under a
+    GradScaler (``precision="16-mixed"``), where the optimizer unscales the gradients inside its
+    step, after Lightning's clipping would run (Lightning itself raises at the first step then).
+    Lightning's clipping alone, with ``max_grad_norm=None, clip_value=None``, and the optimizer's
+    alone are both fine. Where the LightningModule overrides ``configure_gradient_clipping``, that hook
     decides what ``gradient_clip_val`` means, so the check only warns.
     """
 
@@ -44,19 +45,20 @@ class FusedClipCheck(Callback):
         lightning = f"Trainer(gradient_clip_val={clip_val}, gradient_clip_algorithm={algorithm!r})"
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
         for i, opt in enumerate(trainer.optimizers):
-            if not isinstance(opt, FusedSGD):
+            if not isinstance(opt, FusedOptimizer):
                 continue
+            name = type(opt).__name__
             own = _own_clipping(opt)
             if scaled:
-                message = (f"{lightning} cannot clip for optimizer {i}: under a GradScaler FusedSGD unscales the "
-                           f"gradients inside its step, after Lightning's clipping would run. Clip in FusedSGD "
+                message = (f"{lightning} cannot clip for optimizer {i}: under a GradScaler {name} unscales the "
+                           f"gradients inside its step, after Lightning's clipping would run. Clip in {name} "
                            f"instead: max_grad_norm (for 'norm') or clip_value (for 'value'), and drop "
                            f"gradient_clip_val.")
             elif own:
                 message = (f"{lightning} clips the gradients before optimizer {i}'s step, and "
-                           f"FusedSGD({', '.join(own)}) clips them again inside it. Keep one: FusedSGD's clipping "
+                           f"{name}({', '.join(own)}) clips them again inside it. Keep one: {name}'s clipping "
                            f"(fused, no extra pass; drop gradient_clip_val) or Lightning's (pass "
-                           f"max_grad_norm=None, clip_value=None to FusedSGD).")
+                           f"max_grad_norm=None, clip_value=None to {name}).")
             else:
                 continue
             if is_overridden("configure_gradient_clipping", pl_module):

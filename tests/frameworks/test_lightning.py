@@ -20,7 +20,8 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import lr_scheduler as lrs
 
-from fused_lr import FusedSGD, schedules
+from fused_lr import FusedAdamW, FusedSGD, schedules
+from fused_lr.core.optimizer import FusedOptimizer
 from fused_lr.integrations.lightning import FusedClipCheck
 
 EPOCH, EPOCHS = 4, 3  # batches per epoch, epochs: 12 steps
@@ -87,7 +88,7 @@ class Batches:
 
 def lr_now(opt) -> list[float]:
     """Each group's lr for the step about to run (the schedule's factor included)."""
-    return opt.current_lr() if isinstance(opt, FusedSGD) else [g["lr"] for g in opt.param_groups]
+    return opt.current_lr() if isinstance(opt, FusedOptimizer) else [g["lr"] for g in opt.param_groups]
 
 
 class Classifier(L.LightningModule):
@@ -231,10 +232,12 @@ def test_lightning_clipping_equals_fused_clipping(algorithm, threshold, fused_kw
     assert min(unclipped) > threshold
 
 
-@pytest.mark.parametrize("algorithm,fused_kw", [("norm", "max_grad_norm"), ("value", "clip_value"),
-                                                ("norm", "clip_value")])
-def test_clipping_twice_is_refused(algorithm, fused_kw):
-    module = Classifier(lambda m: fused(m, **{fused_kw: 1.0}))
+@pytest.mark.parametrize("algorithm,fused_kw,make", [
+    ("norm", "max_grad_norm", fused), ("value", "clip_value", fused), ("norm", "clip_value", fused),
+    ("norm", "max_grad_norm", lambda m, **clip: FusedAdamW(m.parameters(), lr=1e-3, **clip)),
+], ids=["norm-norm", "value-value", "norm-value", "adamw"])
+def test_clipping_twice_is_refused(algorithm, fused_kw, make):
+    module = Classifier(lambda m: make(m, **{fused_kw: 1.0}))
     before = {k: v.clone() for k, v in module.state_dict().items()}
     with pytest.raises(MisconfigurationException, match=rf"{fused_kw}=1.0\) clips them again"):
         fit(module, gradient_clip_val=0.5, gradient_clip_algorithm=algorithm, callbacks=[FusedClipCheck()])
