@@ -26,29 +26,25 @@ GPU_CHECK_OUT ?= out/gpu-check
 gpu-check:
 	$(GPU_PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT)
 
-# Framework tests (tests/frameworks/, docs/frameworks.md), each framework in a venv of its own:
-# .venv-lightning beside the CPU torch, .venv-timm with the CUDA torch that torchvision needs.
-# FUSED_LR_CUDA=0 and a non-editable install: these venvs never build the CUDA extension (minutes)
-# nor remove the one that .venv's editable install left in fused_lr/. The tests import fused_lr
-# from this tree (PYTHONPATH), so they always test the current sources.
-LIGHTNING_BIN := .venv-lightning/bin
+# Framework tests (tests/frameworks/, docs/frameworks.md). Lightning is in the test extra, so
+# `make test` runs its tests; timm needs the CUDA build of torch (for torchvision), so it gets a
+# venv of its own, .venv-timm (FUSED_LR_CUDA=0, non-editable: it never builds the CUDA extension nor
+# removes the one .venv's editable install left in fused_lr/; the tests import this tree).
 TIMM_BIN := .venv-timm/bin
-
-$(LIGHTNING_BIN)/pytest: pyproject.toml setup.py constraints-cpu.txt
-	python3 -m venv .venv-lightning
-	FUSED_LR_CUDA=0 $(LIGHTNING_BIN)/pip install -q -c constraints-cpu.txt ".[test,lightning]"
-	touch $@
 
 $(TIMM_BIN)/pytest: pyproject.toml setup.py constraints-timm.txt
 	python3 -m venv .venv-timm
 	FUSED_LR_CUDA=0 $(TIMM_BIN)/pip install -q -c constraints-timm.txt ".[test,timm]"
 	touch $@
 
-.PHONY: test-frameworks test-lightning test-timm
-test-lightning: $(LIGHTNING_BIN)/pytest
-	PYTHONPATH=$(CURDIR) $(LIGHTNING_BIN)/pytest tests/frameworks/test_lightning.py
+.PHONY: test-full test-frameworks test-timm
+# everything, the slow tests too (a fresh venv and install)
+test-full: $(BIN)/fused-lr
+	$(BIN)/ruff check .
+	$(BIN)/pytest -m ""
 
 test-timm: $(TIMM_BIN)/pytest
 	PYTHONPATH=$(CURDIR) $(TIMM_BIN)/pytest tests/frameworks/test_timm.py
 
-test-frameworks: test-lightning test-timm
+test-frameworks: $(BIN)/fused-lr test-timm
+	$(BIN)/pytest tests/frameworks/
