@@ -10,12 +10,18 @@
 //   eval_table            fused_lr.schedules.eval_table
 //   prepare_row           the per-tensor scalars of docs/step.md: lr = base lr x schedule(group clock)
 //                         x the gradient-norm rate, decoupled decay factor, the momentum buffer's
-//                         first use (step count == 0); its last row: clip coefficient
+//                         first use (step count == 0), the rule's coefficients (Adam's bias
+//                         corrections, Adagrad's lr decay); its last row: clip coefficient
 //                         (fused_lr.backends.reference.clip_coef), 1/grad_scale
 //                         (torch.amp.GradScaler.unscale_), go (found_inf unset)
 //   processed_grad,
-//   sgd_element           fused_lr.backends.reference (processed_grad, ReferenceBackend.update) with
-//                         fused_lr.optim.sgd.FusedSGD.reference_rule
+//   common_steps          fused_lr.backends.reference (processed_grad, ReferenceBackend.update): steps 0-5
+//   sgd_element,          the reference_rule of fused_lr.optim.sgd.FusedSGD,
+//   adam_element,         fused_lr.optim.adam.FusedAdam,
+//   rmsprop_element,      fused_lr.optim.rmsprop.FusedRMSprop
+//   adagrad_element       and fused_lr.optim.adagrad.FusedAdagrad (docs/step.md, "Beyond SGD"), each
+//                         torch op's rounding kept (one rounding per op, scalars rounded to the math
+//                         type first, as torch rounds a Python number for a tensor of that dtype)
 #pragma once
 
 #include <math.h>
@@ -156,10 +162,49 @@ struct PrepareArgs {
   double* scratch;          // (n_tensors + 1, COEF_COLS), written here
 };
 
+// The rule's coefficients of one tensor into out[C_LR] and out[C0..C4], from its group's rule
+// columns r (fused_lr/optim/*.py rule_row), the scheduled lr and the tensor's step count before
+// this update. In float64, as the reference computes its Python scalars; the update rounds each
+// to the math type, as torch rounds a Python number for a tensor.
+//   SGD      lr; C0 momentum, C1 1 - dampening (the columns as they are)
+//   Adam     lr / (1 - b1^t) with t = step + 1; C0 1 - b1, C1 b2, C2 1 - b2, C3 sqrt(1 - b2^t), C4 eps
+//            (the reference's (1 - b2^t) ** 0.5 as sqrt: correctly rounded on host and device alike)
+//   RMSprop  lr; C0 alpha, C1 1 - alpha, C2 eps, C3 momentum
+//   Adagrad  lr / (1 + step x lr_decay); C0 eps
+FLR_HD void rule_coefs(int rule, const double* r, double lr, double step, double* out) {
+  double* c = out + L::C_C0;
+  for (int j = 0; j < L::RULE_COLS; ++j) c[j] = 0.0;
+  out[L::C_LR] = lr;
+  switch (rule) {
+    case L::RULE_ADAM: {
+      const double t = step + 1.0;
+      out[L::C_LR] = lr / (1.0 - pow(r[0], t));
+      c[0] = 1.0 - r[0];
+      c[1] = r[1];
+      c[2] = 1.0 - r[1];
+      c[3] = sqrt(1.0 - pow(r[1], t));
+      c[4] = r[2];
+      break;
+    }
+    case L::RULE_RMSPROP:
+      c[0] = r[0];
+      c[1] = 1.0 - r[0];
+      c[2] = r[1];
+      c[3] = r[2];
+      break;
+    case L::RULE_ADAGRAD:
+      out[L::C_LR] = lr / (1.0 + step * r[0]);
+      c[0] = r[1];
+      break;
+    default:  // SGD
+      for (int j = 0; j < L::RULE_COLS; ++j) c[j] = r[j];
+  }
+}
+
 // Scratch row t: tensor t's scalars for this step; row n_tensors: the step-wide ones. Reads the
 // clocks and step counts without changing them (the increment stage advances them once every
-// update has run).
-FLR_HD void prepare_row(const PrepareArgs& a, int64_t t) {
+// update has run). `rule`: the optimizer's RULES code.
+FLR_HD void prepare_row(const PrepareArgs& a, int rule, int64_t t) {
   double* out = a.scratch + t * L::COEF_COLS;
   if (t == a.n_tensors) {
     double coef = 1.0;
@@ -186,11 +231,10 @@ FLR_HD void prepare_row(const PrepareArgs& a, int64_t t) {
   }
   const double lr = base * eval_table(a.sched + g * L::MAX_SEGMENTS * L::SEGMENT_COLS,
                                       static_cast<double>(a.clocks[g])) * rate;
-  out[L::C_LR] = lr;
-  out[L::C_DECAY] = 1.0 - lr * h[L::H_WEIGHT_DECAY];
-  out[L::C_INIT] = *reinterpret_cast<const float*>(row[L::T_STEP]) == 0.0f ? 1.0 : 0.0;
-  // SGD's coefficients do not depend on the step: its hyper columns as they are
-  for (int j = 0; j < L::RULE_COLS; ++j) out[L::C_C0 + j] = h[L::H_R0 + j];
+  const double step = static_cast<double>(*reinterpret_cast<const float*>(row[L::T_STEP]));
+  out[L::C_DECAY] = 1.0 - lr * h[L::H_WEIGHT_DECAY];  // with the scheduled lr, whatever the rule
+  out[L::C_INIT] = step == 0.0 ? 1.0 : 0.0;
+  rule_coefs(rule, h + L::H_R0, lr, step, out);
 }
 
 // After every update of the step (stream order): tensor i's step count and group i's clock + 1,
@@ -256,81 +300,240 @@ FLR_HD void store_pack(Pack<T>* p, const Pack<T>& v) {
 template <typename T> struct MathOf { using type = float; };
 template <> struct MathOf<double> { using type = double; };
 
-// Independent 16-byte loads in flight per array and thread: two for 4- and 8-byte types; one for
-// 2-byte types, whose eight elements a pack widens to float already fill the registers.
-template <typename T>
+// Independent 16-byte loads in flight per array and thread, for a loop over ARRAYS arrays: two
+// for 4- and 8-byte types over at most three arrays (the norm; SGD, RMSprop without momentum or
+// centering, Adagrad); one for 2-byte types, whose eight elements a pack widens to float already
+// fill the registers, and for four or five arrays (Adam, RMSprop with momentum or centering):
+// their four or five loads are about as many in flight as SGD's six, and two packs of each spill
+// float64 registers under two blocks per SM (nvcc -Xptxas -v).
+template <typename T, int ARRAYS>
 struct Unroll {
-  static constexpr int value = sizeof(T) >= 4 ? 2 : 1;
+  static constexpr int value = sizeof(T) >= 4 && ARRAYS <= 3 ? 2 : 1;
 };
 
 // ---------------------------------------------------------------------------- per element
-// Everything one tensor's elements need, in the math type M, rounded as torch rounds a Python
-// scalar for a tensor of that dtype.
+// docs/step.md steps 0-5 for one tensor's elements in the math type M, every scalar rounded to M
+// as torch rounds a Python number for a tensor of that dtype.
 template <typename M>
-struct Coefs {
-  M inv_scale, clip_value, coef, decay_mul, wd, momentum, one_minus_damp, neg_lr;
-  bool maximize, has_clip_value, decoupled, coupled, has_momentum, init_buf, nesterov;
+struct Common {
+  M inv_scale, clip_value, coef, decay_mul, wd;
+  bool maximize, has_clip_value, decoupled, coupled;
 };
 
 // What the norm pass needs: unscale and value clipping (maximize flips a sign, and value clipping
 // is symmetric: neither changes a square).
 template <typename M>
-FLR_HD Coefs<M> norm_coefs(const float* grad_scale, bool has_clip_value, double clip_value) {
-  Coefs<M> c{};
+FLR_HD Common<M> norm_common(const float* grad_scale, bool has_clip_value, double clip_value) {
+  Common<M> c{};
   c.inv_scale = M(inv_scale_of(grad_scale));
   c.has_clip_value = has_clip_value;
   c.clip_value = M(clip_value);
   return c;
 }
 
-// A tensor's coefficients for SGD from its scratch row, the step-wide row and its group's hyper row.
+// A tensor's steps 0-5 from its scratch row, the step-wide row and its group's hyper row.
 template <typename M>
-FLR_HD Coefs<M> sgd_coefs(const double* coef_row, const double* wide, const double* hyper_row, bool has_clip_value,
-                          double clip_value) {
-  Coefs<M> c;
+FLR_HD Common<M> common_coefs(const double* coef_row, const double* wide, const double* hyper_row,
+                              bool has_clip_value, double clip_value) {
+  Common<M> c;
   const int flags = static_cast<int>(hyper_row[L::H_FLAGS]);
-  const double wd = hyper_row[L::H_WEIGHT_DECAY], mom = coef_row[L::C_C0];
+  const double wd = hyper_row[L::H_WEIGHT_DECAY];
   c.inv_scale = M(wide[L::W_INV_SCALE]);
-  c.maximize = (flags & L::F_MAXIMIZE) != 0;
-  c.has_clip_value = has_clip_value;
   c.clip_value = M(clip_value);
   c.coef = M(wide[L::W_CLIP_COEF]);
-  c.decoupled = wd != 0.0 && (flags & L::F_DECOUPLED) != 0;
-  c.coupled = wd != 0.0 && (flags & L::F_DECOUPLED) == 0;
   c.decay_mul = M(coef_row[L::C_DECAY]);
   c.wd = M(wd);
-  c.has_momentum = mom != 0.0;
-  c.init_buf = coef_row[L::C_INIT] != 0.0;
-  c.nesterov = (flags & L::F_NESTEROV) != 0;
-  c.momentum = M(mom);
-  c.one_minus_damp = M(coef_row[L::C_C0 + 1]);
-  c.neg_lr = M(-coef_row[L::C_LR]);
+  c.maximize = (flags & L::F_MAXIMIZE) != 0;
+  c.has_clip_value = has_clip_value;
+  c.decoupled = wd != 0.0 && (flags & L::F_DECOUPLED) != 0;
+  c.coupled = wd != 0.0 && (flags & L::F_DECOUPLED) == 0;
   return c;
 }
 
 // docs/step.md steps 0-2: unscale, maximize, value clipping (NaN passes through, as torch.clamp).
 template <typename M>
-FLR_HD M processed_grad(M g, const Coefs<M>& c) {
+FLR_HD M processed_grad(M g, const Common<M>& c) {
   g = g * c.inv_scale;
   if (c.maximize) g = -g;
   if (c.has_clip_value) g = g < -c.clip_value ? -c.clip_value : (g > c.clip_value ? c.clip_value : g);
   return g;
 }
 
-// docs/step.md steps 0-7 for one element with the SGD rule: updates p and (with momentum) buf.
-// The clip coefficient is 1 when global-norm clipping is off (a multiplication by 1 is exact).
+// Steps 0-5: the gradient the rule sees (times the clip coefficient, 1 when global-norm clipping
+// is off: a multiplication by 1 is exact; plus wd x p for coupled decay), p decayed when decoupled.
 template <typename M>
-FLR_HD void sgd_element(M& p, M g, M& buf, const Coefs<M>& c) {
+FLR_HD M common_steps(M& p, M g, const Common<M>& c) {
   g = processed_grad(g, c) * c.coef;
   if (c.decoupled) p = p * c.decay_mul;
   if (c.coupled) g = g + c.wd * p;
+  return g;
+}
+
+FLR_HD float root(float x) { return sqrtf(x); }
+FLR_HD double root(double x) { return sqrt(x); }
+
+// torch.lerp(a, b, w): two formulas, chosen by the weight as torch chooses them.
+template <typename M>
+FLR_HD M lerp(M a, M b, M w) {
+  return (w < M(0) ? -w : w) < M(0.5) ? a + w * (b - a) : b - (b - a) * (M(1) - w);
+}
+
+// torch.maximum(a, b): NaN when either is, else std::max(a, b).
+template <typename M>
+FLR_HD M maximum(M a, M b) {
+  return a < b || b != b ? b : a;
+}
+
+// Steps 6-7 of each rule on one element, g the output of common_steps. Each rule's scalars come
+// from the prepare stage (rule_coefs), rounded to M.
+
+// SGD: momentum b <- g on first use, else mu b + (1 - dampening) g; direction g + mu b with
+// nesterov, else b; without momentum g.
+template <typename M>
+struct SgdCoefs {
+  M neg_lr, momentum, one_minus_damp;
+  bool first, nesterov;
+};
+
+template <typename M>
+FLR_HD SgdCoefs<M> sgd_coefs(const double* coef_row, int flags) {
+  const double* c = coef_row + L::C_C0;
+  return {M(-coef_row[L::C_LR]), M(c[0]), M(c[1]), coef_row[L::C_INIT] != 0.0, (flags & L::F_NESTEROV) != 0};
+}
+
+template <typename M, bool MOMENTUM>
+FLR_HD void sgd_element(M& p, M g, M& b, const SgdCoefs<M>& c) {
   M d = g;
-  if (c.has_momentum) {
-    buf = c.init_buf ? g : buf * c.momentum + c.one_minus_damp * g;
-    d = c.nesterov ? g + c.momentum * buf : buf;
+  if (MOMENTUM) {
+    b = c.first ? g : b * c.momentum + c.one_minus_damp * g;
+    d = c.nesterov ? g + c.momentum * b : b;
   }
   p = p + c.neg_lr * d;
 }
+
+// Adam: m <- lerp(m, g, 1 - b1), v <- b2 v + (1 - b2) g^2, amsgrad vmax <- max(vmax, v) used for v,
+// p <- p - step m / (sqrt(v) / sqrt(1 - b2^t) + eps), step = lr / (1 - b1^t).
+template <typename M>
+struct AdamCoefs {
+  M neg_step, w1, b2, w2, bc2, eps;
+};
+
+template <typename M>
+FLR_HD AdamCoefs<M> adam_coefs(const double* coef_row) {
+  const double* c = coef_row + L::C_C0;
+  return {M(-coef_row[L::C_LR]), M(c[0]), M(c[1]), M(c[2]), M(c[3]), M(c[4])};
+}
+
+template <typename M, bool AMSGRAD>
+FLR_HD void adam_element(M& p, M g, M& m, M& v, M& vmax, const AdamCoefs<M>& c) {
+  m = lerp(m, g, c.w1);
+  v = v * c.b2 + c.w2 * g * g;
+  M u = v;
+  if (AMSGRAD) u = vmax = maximum(vmax, v);
+  p = p + c.neg_step * m / (root(u) / c.bc2 + c.eps);
+}
+
+// RMSprop: s <- alpha s + (1 - alpha) g^2; centered c <- lerp(c, g, 1 - alpha) and
+// d = sqrt(s - c^2) + eps, else d = sqrt(s) + eps; momentum b <- mu b + g / d and p <- p - lr b,
+// else p <- p - lr g / d.
+template <typename M>
+struct RmspropCoefs {
+  M neg_lr, alpha, w, eps, momentum;
+};
+
+template <typename M>
+FLR_HD RmspropCoefs<M> rmsprop_coefs(const double* coef_row) {
+  const double* c = coef_row + L::C_C0;
+  return {M(-coef_row[L::C_LR]), M(c[0]), M(c[1]), M(c[2]), M(c[3])};
+}
+
+template <typename M, bool MOMENTUM, bool CENTERED>
+FLR_HD void rmsprop_element(M& p, M g, M& s, M& b, M& c, const RmspropCoefs<M>& k) {
+  s = s * k.alpha + k.w * g * g;
+  M d;
+  if (CENTERED) {
+    c = lerp(c, g, k.w);
+    d = root(s + -c * c) + k.eps;
+  } else {
+    d = root(s) + k.eps;
+  }
+  if (MOMENTUM) {
+    b = b * k.momentum + g / d;
+    p = p + k.neg_lr * b;
+  } else {
+    p = p + k.neg_lr * g / d;
+  }
+}
+
+// Adagrad: s <- s + g^2, p <- p - clr g / (sqrt(s) + eps), clr = lr / (1 + (t - 1) lr_decay).
+template <typename M>
+struct AdagradCoefs {
+  M neg_lr, eps;
+};
+
+template <typename M>
+FLR_HD AdagradCoefs<M> adagrad_coefs(const double* coef_row) {
+  return {M(-coef_row[L::C_LR]), M(coef_row[L::C_C0])};
+}
+
+template <typename M>
+FLR_HD void adagrad_element(M& p, M g, M& s, const AdagradCoefs<M>& k) {
+  s = s + g * g;
+  p = p + k.neg_lr * g / (root(s) + k.eps);
+}
+
+// ---------------------------------------------------------------------------- rules
+// A rule as update_thread drives it: STATES state arrays (the row's STATE0... columns, in the
+// rule's declaration order: fused_lr/optim/*.py state_names), whether their values are read, and
+// steps 0-7 on one element with s[0..STATES) its state values. The variant (momentum, amsgrad,
+// centered) is a template parameter, chosen once per block (update_block), never per element.
+template <typename M, bool MOMENTUM>
+struct SgdRule {
+  static constexpr int STATES = MOMENTUM ? 1 : 0;
+  Common<M> common;
+  SgdCoefs<M> c;
+  FLR_HD bool reads_states() const { return !c.first; }  // a first use overwrites the buffer unread
+  FLR_HD void operator()(M& p, M g, M* s) const {
+    g = common_steps(p, g, common);
+    sgd_element<M, MOMENTUM>(p, g, s[0], c);
+  }
+};
+
+template <typename M, bool AMSGRAD>
+struct AdamRule {  // exp_avg, exp_avg_sq, max_exp_avg_sq with amsgrad
+  static constexpr int STATES = AMSGRAD ? 3 : 2;
+  Common<M> common;
+  AdamCoefs<M> c;
+  FLR_HD bool reads_states() const { return true; }
+  FLR_HD void operator()(M& p, M g, M* s) const {
+    g = common_steps(p, g, common);
+    adam_element<M, AMSGRAD>(p, g, s[0], s[1], s[AMSGRAD ? 2 : 1], c);
+  }
+};
+
+template <typename M, bool MOMENTUM, bool CENTERED>
+struct RmspropRule {  // square_avg, then momentum_buffer with momentum, then grad_avg when centered
+  static constexpr int STATES = 1 + int{MOMENTUM} + int{CENTERED};
+  Common<M> common;
+  RmspropCoefs<M> c;
+  FLR_HD bool reads_states() const { return true; }
+  FLR_HD void operator()(M& p, M g, M* s) const {
+    g = common_steps(p, g, common);
+    rmsprop_element<M, MOMENTUM, CENTERED>(p, g, s[0], s[MOMENTUM ? 1 : 0], s[CENTERED ? STATES - 1 : 0], c);
+  }
+};
+
+template <typename M>
+struct AdagradRule {  // sum
+  static constexpr int STATES = 1;
+  Common<M> common;
+  AdagradCoefs<M> c;
+  FLR_HD bool reads_states() const { return true; }
+  FLR_HD void operator()(M& p, M g, M* s) const {
+    g = common_steps(p, g, common);
+    adagrad_element(p, g, s[0], c);
+  }
+};
 
 // ---------------------------------------------------------------------------- per thread
 // Thread `tid` of `threads` takes elements tid, tid + threads, ... of [begin, end): in 16-byte
@@ -340,10 +543,10 @@ FLR_HD void sgd_element(M& p, M g, M& buf, const Coefs<M>& c) {
 // Sum of squares of the processed gradients this thread takes, in float64.
 template <typename T>
 FLR_HD double norm_thread(const T* __restrict__ g, int64_t begin, int64_t end, bool aligned, int tid, int threads,
-                          const Coefs<typename MathOf<T>::type>& c) {
+                          const Common<typename MathOf<T>::type>& c) {
   using M = typename MathOf<T>::type;
   using P = Pack<T>;
-  constexpr int UNROLL = Unroll<T>::value;
+  constexpr int UNROLL = Unroll<T, 1>::value;
   double acc = 0.0;
   int64_t tail = begin;
   if (aligned) {
@@ -374,56 +577,91 @@ FLR_HD double norm_thread(const T* __restrict__ g, int64_t begin, int64_t end, b
   return acc;
 }
 
-// One element of the update through T's memory: read, sgd_element in M, write back.
+// The arrays of one row's update: the parameter, its gradient and its state tensors.
 template <typename T>
-FLR_HD void sgd_stored(T& p, T g, T& b, const Coefs<typename MathOf<T>::type>& c) {
+struct Arrays {
+  T* p;
+  const T* g;
+  T* s[L::MAX_STATES];
+};
+
+// One element through T's memory: read into M, the rule, each value rounded once to T. s: the
+// element's Rule::STATES state values (zeros where the rule reads none).
+template <typename T, typename Rule>
+FLR_HD void rule_element(T& p, T g, T* s, const Rule& rule) {
   using M = typename MathOf<T>::type;
+  constexpr int NS = Rule::STATES;
+  M sm[NS > 0 ? NS : 1];
+  FLR_UNROLL
+  for (int k = 0; k < NS; ++k) sm[k] = static_cast<M>(s[k]);
   M pm = static_cast<M>(p);
-  M bm = c.has_momentum && !c.init_buf ? static_cast<M>(b) : M(0);
-  sgd_element(pm, static_cast<M>(g), bm, c);
+  rule(pm, static_cast<M>(g), sm);
   p = T(pm);
-  if (c.has_momentum) b = T(bm);
+  FLR_UNROLL
+  for (int k = 0; k < NS; ++k) s[k] = T(sm[k]);
 }
 
-// The SGD update of the elements this thread takes (b: the momentum buffer, unused without momentum).
-template <typename T>
-FLR_HD void sgd_thread(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ b, int64_t begin, int64_t end,
-                       bool aligned, int tid, int threads, const Coefs<typename MathOf<T>::type>& c) {
+// The update of the elements this thread takes.
+template <typename T, typename Rule>
+FLR_HD void update_thread(const Arrays<T>& x, int64_t begin, int64_t end, bool aligned, int tid, int threads,
+                          const Rule& rule) {
   using P = Pack<T>;
-  constexpr int UNROLL = Unroll<T>::value;
-  const bool read_b = c.has_momentum && !c.init_buf;  // a first use overwrites the buffer unread
+  constexpr int NS = Rule::STATES, NSA = NS > 0 ? NS : 1;
+  constexpr int UNROLL = Unroll<T, 2 + NS>::value;
+  const bool read = rule.reads_states();
   int64_t tail = begin;
   if (aligned) {
-    const int64_t n = (end - begin) / P::size;
-    P* pp = reinterpret_cast<P*>(p + begin);
-    const P* gp = reinterpret_cast<const P*>(g + begin);
-    P* bp = c.has_momentum ? reinterpret_cast<P*>(b + begin) : nullptr;
-    for (int64_t k0 = tid; k0 < n; k0 += int64_t{threads} * UNROLL) {
-      P pv[UNROLL], gv[UNROLL], bv[UNROLL] = {};
+    // a block's chunk holds fewer than 2^31 packs: 32-bit indices leave registers to the math
+    const int n = static_cast<int>((end - begin) / P::size);
+    P* pp = reinterpret_cast<P*>(x.p + begin);
+    const P* gp = reinterpret_cast<const P*>(x.g + begin);
+    P* sp[NSA] = {};
+    FLR_UNROLL
+    for (int k = 0; k < NS; ++k) sp[k] = reinterpret_cast<P*>(x.s[k] + begin);
+    for (int k0 = tid; k0 < n; k0 += threads * UNROLL) {
+      P pv[UNROLL], gv[UNROLL], sv[UNROLL][NSA] = {};
       FLR_UNROLL
       for (int u = 0; u < UNROLL; ++u) {
-        const int64_t k = k0 + u * threads;
-        if (k >= n) continue;
-        pv[u] = load_pack(pp + k);
-        gv[u] = load_pack(gp + k);
-        if (read_b) bv[u] = load_pack(bp + k);
+        const int i = k0 + u * threads;
+        if (i >= n) continue;
+        pv[u] = load_pack(pp + i);
+        gv[u] = load_pack(gp + i);
+        FLR_UNROLL
+        for (int k = 0; k < NS; ++k) {
+          if (read) sv[u][k] = load_pack(sp[k] + i);
+        }
       }
       FLR_UNROLL
       for (int u = 0; u < UNROLL; ++u) {
-        const int64_t k = k0 + u * threads;
-        if (k >= n) continue;
+        const int i = k0 + u * threads;
+        if (i >= n) continue;
         FLR_UNROLL
-        for (int j = 0; j < P::size; ++j) sgd_stored(pv[u].v[j], gv[u].v[j], bv[u].v[j], c);
-        store_pack(pp + k, pv[u]);
-        if (c.has_momentum) store_pack(bp + k, bv[u]);
+        for (int j = 0; j < P::size; ++j) {
+          T s[NSA];
+          FLR_UNROLL
+          for (int k = 0; k < NS; ++k) s[k] = sv[u][k].v[j];
+          rule_element(pv[u].v[j], gv[u].v[j], s, rule);
+          FLR_UNROLL
+          for (int k = 0; k < NS; ++k) sv[u][k].v[j] = s[k];
+        }
+        store_pack(pp + i, pv[u]);
+        FLR_UNROLL
+        for (int k = 0; k < NS; ++k) store_pack(sp[k] + i, sv[u][k]);
       }
     }
     tail = begin + n * P::size;
   }
-  T unused{};
-  for (int64_t i = tail + tid; i < end; i += threads) sgd_stored(p[i], g[i], c.has_momentum ? b[i] : unused, c);
+  for (int64_t i = tail + tid; i < end; i += threads) {
+    T s[NSA] = {};
+    FLR_UNROLL
+    for (int k = 0; k < NS; ++k) {
+      if (read) s[k] = x.s[k][i];
+    }
+    rule_element(x.p[i], x.g[i], s, rule);
+    FLR_UNROLL
+    for (int k = 0; k < NS; ++k) x.s[k][i] = s[k];
+  }
 }
-
 
 // ---------------------------------------------------------------------------- per block
 // Everything one thread of a kernel block does, so the kernels and the host twin run the same
@@ -443,7 +681,7 @@ template <typename T>
 FLR_HD double norm_block(const NormArgs& a, int64_t block, int64_t chunk, int tid, int threads) {
   const Range r = block_range(a.table, a.blocks, block, chunk);
   const int64_t* row = a.table + r.row * L::TENSOR_COLS;
-  const auto c = norm_coefs<typename MathOf<T>::type>(a.grad_scale, a.has_clip_value, a.clip_value);
+  const auto c = norm_common<typename MathOf<T>::type>(a.grad_scale, a.has_clip_value, a.clip_value);
   return norm_thread(reinterpret_cast<const T*>(row[L::T_GRAD]), r.begin, r.end, row[L::T_ALIGNED] != 0, tid,
                      threads, c);
 }
@@ -459,18 +697,62 @@ struct UpdateArgs {
   double clip_value;
 };
 
-// Thread tid's share of block `block` of the SGD update.
-template <typename T>
-FLR_HD void sgd_block(const UpdateArgs& a, int64_t block, int64_t chunk, int tid, int threads) {
+// Thread tid's share of block `block` of the update with rule RULE (a RULES code); the rule's
+// variant follows the row's group (its flags and momentum), one branch per block.
+template <typename T, int RULE>
+FLR_HD void update_block(const UpdateArgs& a, int64_t block, int64_t chunk, int tid, int threads) {
+  using M = typename MathOf<T>::type;
   const double* wide = a.scratch + a.n_tensors * L::COEF_COLS;
   if (wide[L::W_GO] == 0.0) return;  // found_inf: the step changes nothing
   const Range r = block_range(a.table, a.blocks, block, chunk);
   const int64_t* row = a.table + r.row * L::TENSOR_COLS;
-  const auto c = sgd_coefs<typename MathOf<T>::type>(a.scratch + r.row * L::COEF_COLS, wide,
-                                                      a.hyper + row[L::T_GROUP] * L::HYPER_COLS, a.has_clip_value,
-                                                      a.clip_value);
-  sgd_thread(reinterpret_cast<T*>(row[L::T_PARAM]), reinterpret_cast<const T*>(row[L::T_GRAD]),
-             reinterpret_cast<T*>(row[L::T_STATE0]), r.begin, r.end, row[L::T_ALIGNED] != 0, tid, threads, c);
+  const double* k = a.scratch + r.row * L::COEF_COLS;
+  const double* h = a.hyper + row[L::T_GROUP] * L::HYPER_COLS;
+  const int flags = static_cast<int>(h[L::H_FLAGS]);
+  const Common<M> common = common_coefs<M>(k, wide, h, a.has_clip_value, a.clip_value);
+  Arrays<T> x;
+  x.p = reinterpret_cast<T*>(row[L::T_PARAM]);
+  x.g = reinterpret_cast<const T*>(row[L::T_GRAD]);
+  for (int j = 0; j < L::MAX_STATES; ++j) x.s[j] = reinterpret_cast<T*>(row[L::T_STATE0 + j]);
+  const bool aligned = row[L::T_ALIGNED] != 0;
+  const int64_t b = r.begin, e = r.end;
+  if constexpr (RULE == L::RULE_ADAM) {
+    const AdamCoefs<M> c = adam_coefs<M>(k);
+    if ((flags & L::F_AMSGRAD) != 0) update_thread(x, b, e, aligned, tid, threads, AdamRule<M, true>{common, c});
+    else update_thread(x, b, e, aligned, tid, threads, AdamRule<M, false>{common, c});
+  } else if constexpr (RULE == L::RULE_RMSPROP) {
+    const RmspropCoefs<M> c = rmsprop_coefs<M>(k);
+    const bool momentum = k[L::C_C0 + 3] > 0.0, centered = (flags & L::F_CENTERED) != 0;
+    if (momentum && centered) update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, true, true>{common, c});
+    else if (momentum) update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, true, false>{common, c});
+    else if (centered) update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, false, true>{common, c});
+    else update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, false, false>{common, c});
+  } else if constexpr (RULE == L::RULE_ADAGRAD) {
+    update_thread(x, b, e, aligned, tid, threads, AdagradRule<M>{common, adagrad_coefs<M>(k)});
+  } else {
+    static_assert(RULE == L::RULE_SGD, "a rule without an update");
+    const SgdCoefs<M> c = sgd_coefs<M>(k, flags);
+    if (k[L::C_C0] != 0.0) update_thread(x, b, e, aligned, tid, threads, SgdRule<M, true>{common, c});
+    else update_thread(x, b, e, aligned, tid, threads, SgdRule<M, false>{common, c});
+  }
+}
+
+// A RULES code as a type, for update_block's template argument.
+template <int R>
+struct RuleTag {
+  static constexpr int value = R;
+};
+
+// Host side: f(RuleTag<rule>{}) for a known rule code, and whether the code was known.
+template <typename F>
+bool with_rule(int rule, F&& f) {
+  switch (rule) {
+    case L::RULE_SGD: f(RuleTag<L::RULE_SGD>{}); return true;
+    case L::RULE_ADAM: f(RuleTag<L::RULE_ADAM>{}); return true;
+    case L::RULE_RMSPROP: f(RuleTag<L::RULE_RMSPROP>{}); return true;
+    case L::RULE_ADAGRAD: f(RuleTag<L::RULE_ADAGRAD>{}); return true;
+    default: return false;
+  }
 }
 
 }  // namespace flr

@@ -2,7 +2,8 @@
 // (per-block partial sums, then one block sums them in a fixed order: the same result every run),
 // prepare (a thread per tensor computes its scalars once per step into a scratch table), the
 // update (a block per chunk of CUDA_CHUNK elements, 16-byte loads where the row is aligned, no
-// schedule math), and the increment of step counts and group clocks. Every per-step value (norm,
+// schedule math; one kernel per rule and dtype, so no element branches on the rule), and the
+// increment of step counts and group clocks. Every per-step value (norm,
 // grad_scale, found_inf, clocks, step counts, tensor lrs) is read on the device, so a step never
 // synchronises and can be captured in a CUDA graph.
 #include <cuda_bf16.h>
@@ -55,14 +56,16 @@ __global__ void __launch_bounds__(BLOCK) norm_finish_kernel(const double* partia
   }
 }
 
-__global__ void __launch_bounds__(SMALL_BLOCK) prepare_kernel(PrepareArgs a) {
+__global__ void __launch_bounds__(SMALL_BLOCK) prepare_kernel(PrepareArgs a, int rule) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * SMALL_BLOCK + threadIdx.x;
-  if (t <= a.n_tensors) prepare_row(a, t);
+  if (t <= a.n_tensors) prepare_row(a, rule, t);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(BLOCK, 2) sgd_kernel(UpdateArgs a, int64_t first_block) {
-  sgd_block<T>(a, first_block + blockIdx.x, CHUNK, threadIdx.x, BLOCK);
+// Two blocks of BLOCK threads per SM: at most 64 registers a thread, which every rule's update
+// fits without spilling (nvcc -Xptxas -v).
+template <typename T, int RULE>
+__global__ void __launch_bounds__(BLOCK, 2) update_kernel(UpdateArgs a, int64_t first_block) {
+  update_block<T, RULE>(a, first_block + blockIdx.x, CHUNK, threadIdx.x, BLOCK);
 }
 
 __global__ void __launch_bounds__(SMALL_BLOCK) increment_kernel(const int64_t* table, int64_t n_tensors,
@@ -151,18 +154,21 @@ std::string launch_norm(const NormLaunch& n, int device, void* stream) {
 }
 
 std::string launch_step(const StepLaunch& s, int device, void* stream) {
-  if (s.rule != L::RULE_SGD) return "unsupported rule code " + std::to_string(s.rule);
+  if (!with_rule(s.rule, [](auto) {})) return "unsupported rule code " + std::to_string(s.rule);
   std::string bad = check_buckets(s.buckets);
   if (!bad.empty()) return bad;
   const DeviceGuard guard(device);
   if (!guard.error().empty()) return guard.error();
   const auto st = static_cast<cudaStream_t>(stream);
   const int64_t n_tensors = s.prepare.n_tensors;
-  prepare_kernel<<<grid_for(n_tensors + 1), SMALL_BLOCK, 0, st>>>(s.prepare);
+  prepare_kernel<<<grid_for(n_tensors + 1), SMALL_BLOCK, 0, st>>>(s.prepare, s.rule);
   for (const Bucket& b : s.buckets) {
     if (b.n_blocks == 0) continue;
-    dispatch(b.dtype, [&](auto tag) {
-      sgd_kernel<decltype(tag)><<<static_cast<unsigned>(b.n_blocks), BLOCK, 0, st>>>(s.update, b.first_block);
+    with_rule(s.rule, [&](auto rule) {
+      dispatch(b.dtype, [&](auto tag) {
+        update_kernel<decltype(tag), decltype(rule)::value>
+            <<<static_cast<unsigned>(b.n_blocks), BLOCK, 0, st>>>(s.update, b.first_block);
+      });
     });
   }
   const int64_t rows = n_tensors > s.n_groups ? n_tensors : s.n_groups;

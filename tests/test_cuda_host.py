@@ -6,12 +6,13 @@ fused_lr/core/layout.py, here into a temporary directory as the CMake build does
 compiles two host programs against them with the system C++ compiler:
 
 * csrc/tests/host_math.cpp answers single cases: ``eval_table`` against
-  ``fused_lr.schedules.eval_table``, one tensor's prepare + update and the norm of one block
-  against the reference backend, and ``block_range`` against the backend's block numbering;
+  ``fused_lr.schedules.eval_table``, one tensor's prepare + update (every rule and variant:
+  SGD, Adam/AdamW, RMSprop, Adagrad) and the norm of one block against the reference backend,
+  and ``block_range`` against the backend's block numbering;
 * csrc/tests/host_launch.cpp is a twin of the launches (prepare, update, increment and the norm,
-  every block and thread in turn on CPU memory) behind fused_lr._cuda's interface, so FusedSGD
-  runs on CudaBackend end to end: tables, buckets, blocks, uploads, alignment paths, dtype checks,
-  rebuilds, capture guards.
+  every block and thread in turn on CPU memory) behind fused_lr._cuda's interface, so every
+  optimizer runs on CudaBackend end to end: tables, buckets, blocks, uploads, alignment paths,
+  dtype checks, rebuilds, capture guards.
 
 What none of this runs is kernels.cu itself (the launches, warp shuffles, device loads and
 stores); tests/test_parity.py and tests/test_gpu_step.py do that where a GPU exists.
@@ -21,6 +22,7 @@ import ctypes
 import itertools
 import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -33,7 +35,7 @@ import pytest
 import torch
 
 import fused_lr
-from fused_lr import FusedSGD
+from fused_lr import FusedAdagrad, FusedAdam, FusedAdamW, FusedRMSprop, FusedSGD
 from fused_lr import schedules as S
 from fused_lr.backends import BackendUnavailable
 from fused_lr.backends import cuda as cb
@@ -175,8 +177,22 @@ def test_eval_table_matches_python(host):
 
 
 # ---------------------------------------------------------------------------- one tensor's update
-MOMENTA = [  # (momentum, dampening, nesterov)
-    (0.0, 0.0, False), (0.9, 0.0, False), (0.9, 0.0, True), (0.9, 0.3, False)]
+OPTIMIZERS = {L.RULE_SGD: FusedSGD, L.RULE_ADAM: FusedAdam, L.RULE_RMSPROP: FusedRMSprop, L.RULE_ADAGRAD: FusedAdagrad}
+# Each rule's own hyper-parameters, one dict per variant: every flag on and off, momentum with and
+# without, and lerp weights (1 - beta1, 1 - alpha) on both sides of 0.5, where torch.lerp switches
+# formulas.
+VARIANTS = {
+    L.RULE_SGD: [dict(momentum=0.0, dampening=0.0, nesterov=False), dict(momentum=0.9, dampening=0.0, nesterov=False),
+                 dict(momentum=0.9, dampening=0.0, nesterov=True), dict(momentum=0.9, dampening=0.3, nesterov=False)],
+    L.RULE_ADAM: [dict(betas=(0.9, 0.999), eps=1e-8, amsgrad=False), dict(betas=(0.9, 0.999), eps=1e-8, amsgrad=True),
+                  dict(betas=(0.3, 0.9), eps=1e-3, amsgrad=True)],
+    L.RULE_RMSPROP: [dict(alpha=0.99, eps=1e-8, momentum=0.0, centered=False),
+                     dict(alpha=0.99, eps=1e-8, momentum=0.0, centered=True),
+                     dict(alpha=0.99, eps=1e-8, momentum=0.9, centered=False),
+                     dict(alpha=0.9, eps=1e-3, momentum=0.9, centered=True),
+                     dict(alpha=0.3, eps=1e-3, momentum=0.5, centered=True)],
+    L.RULE_ADAGRAD: [dict(lr_decay=0.0, eps=1e-10), dict(lr_decay=0.05, eps=1e-3)],
+}
 DECAYS = [(0.0, False), (0.05, False), (0.05, True)]  # (weight_decay, decoupled)
 # (norm, clip by it, gradient-norm rate power): no norm; with max_grad_norm 0.5 clipping (c = 0.2) or
 # inactive (c = 1); the norm feeding only the rate; both
@@ -185,6 +201,9 @@ MAX_NORM = 0.5
 RATE_EPS = 1e-3
 LR_SCHEDULES = [S.Constant(), S.Warmup(5, S.Cosine(20), start_factor=0.1), S.Step(3, 0.5)]
 LR_KINDS = ["float", "float32 tensor", "float64 tensor"]
+SCALES = [None, 3.0]
+CLOCK_STEPS = [(0, 0), (7, 0), (7, 3), (0, 5)]  # (group clock, the tensor's step count)
+FOUND_INF = [None, 0.0, 1.0]  # no found_inf; one that is clear; one that skips the step
 N = 19  # four 16-byte packs of float32 and a tail; nine of float64 and a tail
 
 # Per dtype: the reference and the host do the same IEEE operations, but torch's vectorised
@@ -194,27 +213,42 @@ N = 19  # four 16-byte packs of float32 and a tail; nine of float64 and a tail
 TOL = {torch.float64: dict(rtol=1e-14, atol=1e-14), torch.float32: dict(rtol=1e-6, atol=1e-6)}
 
 
-def _update_cases():
-    combos = itertools.product([torch.float64, torch.float32], MOMENTA, DECAYS, [False, True], [None, 0.3],
-                               NORMS, [None, 3.0], [(0, 0), (7, 0), (7, 3), (0, 5)])
-    for i, (dtype, mom, decay, maximize, clip, norms, scale, (clock, step)) in enumerate(combos):
-        norm, clip_by_norm, power = norms
-        yield dict(dtype=dtype, momentum=mom, decay=decay, maximize=maximize, clip_value=clip, norm=norm,
-                   clip_by_norm=clip_by_norm, rate_power=power, grad_scale=scale, clock=clock, step=step,
-                   schedule=LR_SCHEDULES[i % len(LR_SCHEDULES)],
-                   lr_kind=LR_KINDS[i // len(LR_SCHEDULES) % len(LR_KINDS)], seed=i)
+# the axes each rule crosses in full beside the variants, decays, maximize, value clipping and norm
+# uses; the others are drawn per case from a fixed seed (_assert_covered: each variant meets each
+# value). SGD's first use of a buffer and Adam's bias corrections depend on the step count.
+CROSSED = {L.RULE_SGD: ("clock_step",), L.RULE_ADAM: ("clock_step",), L.RULE_RMSPROP: (), L.RULE_ADAGRAD: ()}
+DRAWN = {"grad_scale": SCALES, "clock_step": CLOCK_STEPS, "schedule": LR_SCHEDULES, "lr_kind": LR_KINDS,
+         "found_inf": FOUND_INF}
+
+
+def _update_cases(rule):
+    crossed = CROSSED[rule]
+    combos = itertools.product([torch.float64, torch.float32], range(len(VARIANTS[rule])), DECAYS, [False, True],
+                               [None, 0.3], NORMS, *(DRAWN[axis] for axis in crossed))
+    for i, (dtype, variant, decay, maximize, clip, (norm, clip_by_norm, power), *values) in enumerate(combos):
+        rng = random.Random(i)
+        axes = {axis: rng.choice(choices) for axis, choices in DRAWN.items()} | dict(zip(crossed, values))
+        yield dict(rule=rule, dtype=dtype, variant=variant, decay=decay, maximize=maximize, clip_value=clip,
+                   norm=norm, clip_by_norm=clip_by_norm, rate_power=power, seed=i, **axes)
+
+
+def _assert_covered(cases):
+    for axis, values in DRAWN.items():
+        for variant in range(len(VARIANTS[cases[0]["rule"]])):
+            met = [c[axis] for c in cases if c["variant"] == variant]
+            assert all(v in met for v in values), (axis, variant)
 
 
 def _group(case):
-    (mom, damp, nesterov), (wd, decoupled) = case["momentum"], case["decay"]
+    wd, decoupled = case["decay"]
     lr = {"float": 0.1, "float32 tensor": torch.tensor(0.1), "float64 tensor": torch.tensor(0.1, dtype=torch.float64)}
-    return dict(lr=lr[case["lr_kind"]], momentum=mom, dampening=damp, nesterov=nesterov, weight_decay=wd,
-                decoupled_weight_decay=decoupled, maximize=case["maximize"], schedule=case["schedule"])
+    return dict(lr=lr[case["lr_kind"]], weight_decay=wd, decoupled_weight_decay=decoupled, maximize=case["maximize"],
+                schedule=case["schedule"], **VARIANTS[case["rule"]][case["variant"]])
 
 
-def _hyper_row(group) -> np.ndarray:
-    """A group's kernel row, from FusedSGD's own declaration of its flags and rule columns."""
-    flags, rule_cols = FusedSGD.rule_row(None, group)
+def _hyper_row(group, cls=FusedSGD) -> np.ndarray:
+    """A group's kernel row, from the optimizer's own declaration of its flags and rule columns."""
+    flags, rule_cols = cls.rule_row(None, group)
     flags |= (L.F_MAXIMIZE if group["maximize"] else 0) | (L.F_DECOUPLED if group["decoupled_weight_decay"] else 0)
     row = np.zeros(L.HYPER_COLS)
     row[L.H_LR] = 1.0 if isinstance(group["lr"], torch.Tensor) else group["lr"]  # a tensor lr multiplies it
@@ -225,58 +259,104 @@ def _hyper_row(group) -> np.ndarray:
 
 
 def _tensors(case):
+    """Parameter, gradient and the rule's states (by name, in declaration order) for a case. States
+    hold values a run could leave: second moments and sums >= 0, and RMSprop's square_avg above
+    grad_avg^2, so that a centered variance stays positive (torch would take sqrt of a negative)."""
     gen = torch.Generator().manual_seed(case["seed"])
-    p, g, b = (torch.randn(N, generator=gen, dtype=torch.float64).to(case["dtype"]) for _ in range(3))
+
+    def randn():
+        return torch.randn(N, generator=gen, dtype=torch.float64)
+
+    p, g = randn(), randn()
     if case["grad_scale"]:
-        g = (g * case["grad_scale"]).to(case["dtype"])
-    return p, g, b
+        g = g * case["grad_scale"]
+    names = OPTIMIZERS[case["rule"]].state_names(None, _group(case))
+    made = {name: randn() for name in ("momentum_buffer", "exp_avg", "grad_avg")}
+    made |= {name: randn().abs() for name in ("exp_avg_sq", "max_exp_avg_sq", "sum")}
+    made["square_avg"] = (made["grad_avg"] ** 2 if "grad_avg" in names else 0) + 0.5 + randn().abs()
+    return p.to(case["dtype"]), g.to(case["dtype"]), {name: made[name].to(case["dtype"]) for name in names}
 
 
-def _one_tensor_plan(p, g, states, step):
-    plan = Plan.build(torch.device("cpu"), L.RULE_SGD, [(0, 0, p, None)])
+def _one_tensor_plan(p, g, states, step, rule=L.RULE_SGD):
+    plan = Plan.build(torch.device("cpu"), rule, [(0, 0, p, None)])
     plan.bind([states], [torch.tensor(float(step))])
     plan.set_grads([g], lambda row: "the parameter")
     return plan
 
 
-def _reference(case, p, g, b):
-    group = _group(case)
-    p, b = p.clone(), b.clone()
-    plan = _one_tensor_plan(p, g, {"momentum_buffer": b} if group["momentum"] else {}, case["step"])
-    settings = Settings(groups=[group], hyper=_hyper_row(group)[None], schedules=case["schedule"].table()[None],
+def _reference(case, p, g, states):
+    group, cls = _group(case), OPTIMIZERS[case["rule"]]
+    p, states = p.clone(), {name: t.clone() for name, t in states.items()}
+    clock, step = case["clock_step"]
+    plan = _one_tensor_plan(p, g, states, step, case["rule"])
+    settings = Settings(groups=[group], hyper=_hyper_row(group, cls)[None], schedules=case["schedule"].table()[None],
                         lr_tensors={}, max_grad_norm=MAX_NORM if case["clip_by_norm"] else None,
                         clip_value=case["clip_value"], lr_norm_power=case["rate_power"], lr_norm_eps=RATE_EPS,
-                        reference_rule=FusedSGD.reference_rule)
+                        reference_rule=cls.reference_rule)
     scale = None if case["grad_scale"] is None else torch.tensor([case["grad_scale"]])
+    found = None if case["found_inf"] is None else torch.tensor([case["found_inf"]])
     norm = None if case["norm"] is None else torch.tensor(case["norm"], dtype=plan.norm_dtype)
-    ReferenceBackend().update(plan, settings, torch.tensor([float(case["clock"])]), StepScalars(scale, None), norm)
-    return p, b
+    ReferenceBackend().update(plan, settings, torch.tensor([float(clock)]), StepScalars(scale, found), norm)
+    return p, states
 
 
-def _update_line(case, p, g, b):
+def _update_line(case, p, g, states):
     group = _group(case)
     dtype = "f64" if case["dtype"] == torch.float64 else "f32"
-    norm, clip, scale = case["norm"], case["clip_value"], case["grad_scale"]
-    head = [case["clock"], case["step"], LR_KINDS.index(case["lr_kind"]), float(group["lr"]), int(scale is not None),
+    norm, clip, scale, found = case["norm"], case["clip_value"], case["grad_scale"], case["found_inf"]
+    clock, step = case["clock_step"]
+    head = [clock, step, LR_KINDS.index(case["lr_kind"]), float(group["lr"]), int(scale is not None),
             scale or 0.0, int(norm is not None), norm or 0.0, int(case["dtype"] == torch.float64),
-            int(case["clip_by_norm"]), MAX_NORM, case["rate_power"], RATE_EPS, int(clip is not None), clip or 0.0, N]
-    elems = torch.stack([p, g, b], dim=1).ravel().tolist()
-    return f"update {dtype} {_fmt(_hyper_row(group))} {_fmt(case['schedule'].table().ravel())} {_fmt(head)} " \
-           f"{_fmt(elems)}"
+            int(case["clip_by_norm"]), MAX_NORM, case["rate_power"], RATE_EPS, int(clip is not None), clip or 0.0,
+            int(found is not None), found or 0.0, len(states), N]
+    elems = torch.stack([p, g, *states.values()], dim=1).ravel().tolist()
+    return f"update {dtype} {case['rule']} {_fmt(_hyper_row(group, OPTIMIZERS[case['rule']]))} " \
+           f"{_fmt(case['schedule'].table().ravel())} {_fmt(head)} {_fmt(elems)}"
 
 
-def test_update_matches_reference(host):
-    cases = list(_update_cases())
+@pytest.mark.parametrize("rule", list(L.RULES.values()), ids=list(L.RULES))
+def test_update_matches_reference(host, rule):
+    """One tensor of each rule through prepare_row and update_block against the reference backend
+    (ReferenceBackend.update with the optimizer's reference_rule): parameter and every state."""
+    cases = list(_update_cases(rule))
+    _assert_covered(cases)
     inputs = [_tensors(c) for c in cases]
     lines = [_update_line(c, *t) for c, t in zip(cases, inputs, strict=True)]
-    for case, (p0, g, b0), out in zip(cases, inputs, host(lines), strict=True):
-        p_ref, b_ref = _reference(case, p0, g, b0)
-        got = torch.tensor(out, dtype=torch.float64).view(N, 2)
+    for case, (p0, g, s0), out in zip(cases, inputs, host(lines), strict=True):
+        p_ref, s_ref = _reference(case, p0, g, s0)
+        got = torch.tensor(out, dtype=torch.float64).view(N, 1 + len(s0))
         tol = TOL[case["dtype"]]
-        assert not torch.equal(p_ref, p0)  # every case moves the parameter
+        skipped = case["found_inf"] == 1.0
+        assert torch.equal(p_ref, p0) == skipped  # every case but a skipped one moves the parameter
         torch.testing.assert_close(got[:, 0], p_ref.double(), **tol, msg=lambda m, c=case: f"param: {m}\n{c}")
-        if case["momentum"][0]:
-            torch.testing.assert_close(got[:, 1], b_ref.double(), **tol, msg=lambda m, c=case: f"buf: {m}\n{c}")
+        for j, name in enumerate(s0, start=1):
+            torch.testing.assert_close(got[:, j], s_ref[name].double(), **tol,
+                                       msg=lambda m, c=case, n=name: f"{n}: {m}\n{c}")
+
+
+@pytest.mark.parametrize("rule", list(L.RULES.values()), ids=list(L.RULES))
+def test_update_carries_non_finite_gradients_as_torch_does(host, rule):
+    """NaN and +-inf gradients in packs and in the tail, in a step found_inf does not skip: each
+    reaches the parameter and states as torch's ops carry it (NaN through clamp and maximum; inf
+    through lerp, sqrt and division, where inf - inf and inf / inf make NaN)."""
+    base = dict(rule=rule, decay=(0.05, False), norm=None, clip_by_norm=False, rate_power=0.0, grad_scale=None,
+                clock_step=(7, 3), schedule=LR_SCHEDULES[0], lr_kind="float", found_inf=None)
+    cases = [dict(base, dtype=dtype, variant=variant, maximize=maximize, clip_value=clip, seed=i)
+             for i, (dtype, variant, maximize, clip) in enumerate(itertools.product(
+                 [torch.float64, torch.float32], range(len(VARIANTS[rule])), [False, True], [None, 0.3]))]
+    inputs = []
+    for case in cases:
+        p, g, states = _tensors(case)
+        g[[2, 9, 16, 18]] = torch.tensor([math.nan, math.inf, -math.inf, math.nan], dtype=g.dtype)  # 18: the tail
+        inputs.append((p, g, states))
+    lines = [_update_line(c, *t) for c, t in zip(cases, inputs, strict=True)]
+    for case, (p0, g, s0), out in zip(cases, inputs, host(lines), strict=True):
+        p_ref, s_ref = _reference(case, p0, g, s0)
+        got = torch.tensor(out, dtype=torch.float64).view(N, 1 + len(s0))
+        assert not p_ref.isfinite().all()
+        for j, (name, want) in enumerate([("param", p_ref), *s_ref.items()]):
+            torch.testing.assert_close(got[:, j], want.double(), **TOL[case["dtype"]], equal_nan=True,
+                                       msg=lambda m, c=case, n=name: f"{n}: {m}\n{c}")
 
 
 def test_grad_norm_matches_reference(host):
@@ -403,13 +483,42 @@ def _on_cuda_backend(opt):
 # parameter at an odd address (row not 16-byte aligned: the scalar path)
 TWIN_SHAPES = [((3, 4), torch.float64), ((0,), torch.float64), ((7,), torch.float32), ((5,), torch.float64),
                ((2, 3, 5), torch.float32), ((1,), torch.float32), ("odd", torch.float32)]
+_SECOND_LR = dict(lr=torch.tensor(0.05), schedule=S.Exponential(0.9))  # a float32 tensor lr, its own schedule
+# name -> (optimizer, its arguments, the second group's own settings, what changes in the second
+# group at step 3). Most changes switch a state on (momentum, amsgrad, centered): a new plan, the
+# new state created then; RMSprop's momentum moves grad_avg from STATE1 to STATE2.
 TWIN_CASES = {
-    "nesterov-clip": dict(momentum=0.9, nesterov=True, weight_decay=5e-2, max_grad_norm=0.5, clip_value=0.8,
-                          schedule=S.Warmup(2, S.Cosine(6), start_factor=0.1)),
-    "dampening-decoupled": dict(momentum=0.8, dampening=0.3, weight_decay=5e-2, decoupled_weight_decay=True,
-                                maximize=True, schedule=S.Step(2, 0.5)),
-    "plain-tensor-lr-rate": dict(schedule=S.MultiStep([1, 3], 0.3), lr=torch.tensor(0.1, dtype=torch.float64),
-                                 lr_norm_power=0.5, lr_norm_eps=1e-3),
+    "nesterov-clip": (FusedSGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-2, max_grad_norm=0.5,
+                                     clip_value=0.8, schedule=S.Warmup(2, S.Cosine(6), start_factor=0.1)),
+                      dict(_SECOND_LR, momentum=0.0, nesterov=False), dict(momentum=0.7)),
+    "dampening-decoupled": (FusedSGD, dict(lr=0.1, momentum=0.8, dampening=0.3, weight_decay=5e-2,
+                                           decoupled_weight_decay=True, maximize=True, schedule=S.Step(2, 0.5)),
+                            dict(_SECOND_LR, momentum=0.0), dict(momentum=0.7)),
+    "plain-tensor-lr-rate": (FusedSGD, dict(lr=torch.tensor(0.1, dtype=torch.float64), lr_norm_power=0.5,
+                                            lr_norm_eps=1e-3, schedule=S.MultiStep([1, 3], 0.3)),
+                             dict(_SECOND_LR), dict(momentum=0.7)),
+    "adamw-amsgrad-clip": (FusedAdamW, dict(lr=0.01, betas=(0.9, 0.99), weight_decay=5e-2, amsgrad=True,
+                                            max_grad_norm=0.5, clip_value=0.8,
+                                            schedule=S.Warmup(2, S.Cosine(6), start_factor=0.1)),
+                           dict(_SECOND_LR, betas=(0.3, 0.9), amsgrad=False), dict(amsgrad=True)),
+    "adam-coupled-maximize-rate": (FusedAdam, dict(lr=torch.tensor(0.01, dtype=torch.float64), eps=1e-3,
+                                                   weight_decay=5e-2, maximize=True, lr_norm_power=0.5,
+                                                   lr_norm_eps=1e-3, schedule=S.MultiStep([1, 3], 0.3)),
+                                   dict(_SECOND_LR, betas=(0.8, 0.9)), dict(amsgrad=True)),
+    # no coupled decay in a case of the large-tensor run: among 80k elements some gradient nearly
+    # cancels against wd x p, and RMSprop's g / sqrt(E[g^2]), blind to g's scale, turns the norm's
+    # summation-order difference (1e-14 relative between the kernels and the reference) into ~1e-10
+    "rmsprop-centered-momentum-clip": (FusedRMSprop, dict(lr=0.01, alpha=0.9, momentum=0.9, centered=True,
+                                                          max_grad_norm=0.5, clip_value=0.8, schedule=S.Step(2, 0.5)),
+                                       dict(_SECOND_LR, alpha=0.3, eps=1e-3), dict(centered=True)),
+    "rmsprop-momentum-decay-maximize-rate": (FusedRMSprop, dict(lr=0.01, momentum=0.8, weight_decay=1e-2,
+                                                                maximize=True, lr_norm_power=0.5, lr_norm_eps=1e-3,
+                                                                schedule=S.Cosine(6)),
+                                       dict(_SECOND_LR, momentum=0.0, centered=True), dict(momentum=0.5)),
+    "adagrad-decay-clip": (FusedAdagrad, dict(lr=0.1, lr_decay=0.05, initial_accumulator_value=0.1,
+                                              weight_decay=1e-2, max_grad_norm=0.5, clip_value=0.8,
+                                              schedule=S.Step(2, 0.5)),
+                           dict(_SECOND_LR, lr_decay=0.0, eps=1e-3), dict(lr_decay=0.1, maximize=True)),
 }
 
 
@@ -426,18 +535,20 @@ def _twin_params(dtypes_from, big=False):
 
 
 def _run(name, case, dtypes_from, big, steps=6):
+    """``steps`` steps of the case's optimizer on the reference or the twin: the first skipped by
+    found_inf, GradScaler-style scaled gradients, two groups with their own lr (the second's a
+    tensor) and schedule, the second group's change at step 3. Returns the parameters, the
+    optimizer, the norms, the backend (twin only) and whether the change made new state."""
+    cls, kwargs, second, change = TWIN_CASES[case]
     params = [p.requires_grad_() for p in _twin_params(dtypes_from, big)]
-    # the second group starts without momentum and gets it at step 3: a new plan, buffers at step 0
-    second = dict(params=params[4:], lr=torch.tensor(0.05), schedule=S.Exponential(0.9), momentum=0.0,
-                  nesterov=False)
-    kwargs = {"lr": 0.1, **TWIN_CASES[case]}
-    opt = FusedSGD([dict(params=params[:4]), second], backend="reference", **kwargs)
+    opt = cls([dict(params=params[:4]), dict(params=params[4:], **second)], backend="reference", **kwargs)
     backend = _on_cuda_backend(opt) if name == "twin" else None
     gen = torch.Generator().manual_seed(4)
     norms = []
+    states_before = opt.state_names(opt.param_groups[1])
     for step in range(steps):
         if step == 3:
-            opt.param_groups[1]["momentum"] = 0.7
+            opt.param_groups[1].update(change)
         scale = 4.0
         for p in params:
             p.grad = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale).to(p.dtype)
@@ -447,48 +558,59 @@ def _run(name, case, dtypes_from, big, steps=6):
         if opt.last_grad_norm is not None:
             norms.append(opt.last_grad_norm.clone())
     assert opt.backend == ("cuda" if name == "twin" else "reference")
-    return params, opt, norms, backend
+    return params, opt, norms, backend, opt.state_names(opt.param_groups[1]) != states_before
+
+
+# As max |got - ref| / (1 + |ref|) over every parameter and state of these runs (measured at most
+# 3.5e-15 in float64, 2.9e-7 for SGD and 2.1e-6 for the adaptive rules in float32): float64 agrees
+# to rounding, 1e-12. float32: when every parameter is float32 the kernels sum the norm in float64
+# and the reference in float32, so the clip coefficient and the rate may differ by an ulp; SGD
+# carries that ulp on linearly (2e-6), while RMSprop divides by a root of (s - c^2) when centered,
+# or of a gradient that coupled decay nearly cancels, which turns it into tens of ulps (1e-5).
+TWIN_TOL32 = {FusedSGD: dict(rtol=2e-6, atol=2e-6)}
 
 
 def _assert_same_run(ref, got, steps):
-    (ref_params, ref_opt, ref_norms, _), (got_params, got_opt, got_norms, _) = ref, got
-    # float64 agrees to rounding; float32 to a few ulps per step, the norm being summed in
-    # float64 by the kernels and in float32 by the reference
+    (ref_params, ref_opt, ref_norms, _, _), (got_params, got_opt, got_norms, backend, new_state) = ref, got
     for pr, pg in zip(ref_params, got_params, strict=True):
-        tol = dict(rtol=1e-12, atol=1e-12) if pr.dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+        tol = dict(rtol=1e-12, atol=1e-12) if pr.dtype == torch.float64 else \
+            TWIN_TOL32.get(type(ref_opt), dict(rtol=1e-5, atol=1e-5))
         torch.testing.assert_close(pg.detach(), pr.detach(), **tol)
         sr, sg = ref_opt.state[pr], got_opt.state[pg]
+        assert sr.keys() == sg.keys()
         assert float(sg["step"]) == float(sr["step"])
-        if "momentum_buffer" in sr:
-            torch.testing.assert_close(sg["momentum_buffer"], sr["momentum_buffer"], **tol)
+        for name in sr.keys() - {"step"}:
+            assert sg[name].dtype == pr.dtype
+            torch.testing.assert_close(sg[name], sr[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
     clocks = [[float(g["schedule_step"]) for g in o.state_dict()["param_groups"]] for o in (ref_opt, got_opt)]
     assert clocks[0] == clocks[1] == [steps - 1] * 2  # the skipped first step counted nowhere
     assert len(got_norms) == len(ref_norms)
     for nr, ng in zip(ref_norms, got_norms, strict=True):
         assert ng.dtype == nr.dtype
         torch.testing.assert_close(ng, nr, rtol=1e-12 if nr.dtype == torch.float64 else 1e-6, atol=0)
+    assert backend.rebuilds == 1 + new_state  # the first plan, and one more if the change made new state
 
 
 @pytest.mark.parametrize("mixed", [True, False], ids=["f64+f32", "f32"])
 @pytest.mark.parametrize("case", list(TWIN_CASES))
 def test_backend_end_to_end_on_the_host_twin(on_twin, case, mixed):
-    """FusedSGD on CudaBackend (host twin: 8-element chunks, 3 threads per block) vs FusedSGD on
-    the reference: 6 steps, the first one skipped by found_inf, GradScaler-style scaled gradients,
-    two groups with their own lr (one a tensor), schedule and momentum."""
+    """Each optimizer on CudaBackend (host twin: 8-element chunks, 3 threads per block) vs the
+    same optimizer on the reference, 6 steps (_run)."""
     on_twin(chunk=8, threads=3)
     dtypes_from = (lambda dt: dt) if mixed else (lambda dt: torch.float32)
     ref = _run("reference", case, dtypes_from, big=False)
     got = _run("twin", case, dtypes_from, big=False)
     _assert_same_run(ref, got, steps=6)
-    assert got[3].rebuilds == 2  # the first plan, and the one momentum switched on
 
 
-def test_backend_end_to_end_with_the_kernels_block_sizes(on_twin):
+@pytest.mark.parametrize("case", ["nesterov-clip", "adamw-amsgrad-clip", "rmsprop-centered-momentum-clip",
+                                  "adagrad-decay-clip"])
+def test_backend_end_to_end_with_the_kernels_block_sizes(on_twin, case):
     """The same with the kernels' own chunk and block sizes, on tensors of several chunks: every
     thread's loop runs more than once, packs and tails included."""
     on_twin(chunk=L.SIZES["CUDA_CHUNK"], threads=L.SIZES["CUDA_BLOCK"])
-    ref = _run("reference", "nesterov-clip", lambda dt: dt, big=True)
-    got = _run("twin", "nesterov-clip", lambda dt: dt, big=True)
+    ref = _run("reference", case, lambda dt: dt, big=True)
+    got = _run("twin", case, lambda dt: dt, big=True)
     assert max(p.numel() for p in got[0]) > 2 * L.SIZES["CUDA_CHUNK"]
     _assert_same_run(ref, got, steps=6)
 
@@ -512,7 +634,7 @@ class _DtypeSpy(_HostTwin):
             for row in set(rows_of[first:first + n].tolist()):
                 cols = np.ctypeslib.as_array(ctypes.cast(table + 8 * L.TENSOR_COLS * row,
                                                          ctypes.POINTER(ctypes.c_int64)), shape=(L.TENSOR_COLS,))
-                for col in (L.T_PARAM, L.T_GRAD, L.T_STATE0):
+                for col in (L.T_PARAM, L.T_GRAD, *range(L.T_STATE0, L.T_STATE0 + L.MAX_STATES)):
                     if cols[col]:
                         assert live.get(int(cols[col])) == self.dtype_of[code], (row, col)
         self.launches += 1
@@ -547,22 +669,27 @@ def _states_equal(opt_a, model_a, opt_b, model_b, tol):
     for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, **tol)
         sa, sb = opt_a.state[pa], opt_b.state[pb]
-        assert sa["momentum_buffer"].dtype == pa.dtype == sb["momentum_buffer"].dtype
-        torch.testing.assert_close(sa["momentum_buffer"], sb["momentum_buffer"], **tol)
+        assert sa.keys() == sb.keys()
+        for name in sa.keys() - {"step"}:
+            assert sa[name].dtype == pa.dtype == sb[name].dtype
+            torch.testing.assert_close(sa[name], sb[name], **tol)
         assert float(sa["step"]) == float(sb["step"])
 
 
-def test_model_double_after_steps(on_twin, twin_lib):
-    """model.double() after float32 steps leaves float32 momentum buffers behind; the kernels must
-    never see them (a float64 kernel would read and write 8-byte elements through 4-byte
-    buffers). The CUDA backend equals the reference end to end, and every launch addresses only
-    tensors of its bucket's dtype."""
+@pytest.mark.parametrize("make", [
+    lambda ps: FusedSGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-2, max_grad_norm=1.0, backend="reference"),
+    lambda ps: FusedAdamW(ps, lr=0.01, amsgrad=True, max_grad_norm=1.0, backend="reference"),
+], ids=["sgd", "adamw-amsgrad"])
+def test_model_double_after_steps(on_twin, twin_lib, make):
+    """model.double() after float32 steps leaves float32 state (momentum buffers, Adam's three
+    moments) behind; the kernels must never see it (a float64 kernel would read and write 8-byte
+    elements through 4-byte buffers). The CUDA backend equals the reference end to end, and every
+    launch addresses only tensors of its bucket's dtype."""
     spy = on_twin(ext=_DtypeSpy(twin_lib, 8, 3))
     runs = []
     for name in ("reference", "twin"):
         model = _model()
-        opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2, max_grad_norm=1.0,
-                       backend="reference")
+        opt = make(model.parameters())
         if name == "twin":
             _on_cuda_backend(opt)
         _train(model, opt, 3, seed=1, spy=spy if name == "twin" else None)

@@ -1,6 +1,6 @@
 // A host twin of the launches in kernels.cu, for tests/test_cuda_host.py: fused_lr._cuda's norm and
 // step behind a C ABI (loaded with ctypes), running the kernels' own per-thread functions of
-// fused_lr_math.h (prepare_row, norm_block, sgd_block, increment_row) for every block and thread
+// fused_lr_math.h (prepare_row, norm_block, update_block, increment_row) for every block and thread
 // in turn on CPU memory, and summing a block's threads in the order kernels.cu's block_sum does.
 // It lets CI drive fused_lr.backends.cuda.CudaBackend end to end (tables, blocks, buckets,
 // scratch, alignment paths) without a GPU. The chunk and block sizes are arguments here, so tests
@@ -67,16 +67,19 @@ int norm(const flr::NormLaunch& n, int64_t chunk, int threads) {
 
 // launch_step of kernels.cu
 int step(const flr::StepLaunch& s, int64_t chunk, int threads) {
-  if (s.rule != flr::L::RULE_SGD) return -2;
+  if (!flr::with_rule(s.rule, [](auto) {})) return -2;
   for (const flr::Bucket& b : s.buckets) {
     if (b.dtype != flr::DT_FLOAT32 && b.dtype != flr::DT_FLOAT64) return -1;
   }
-  for (int64_t t = 0; t <= s.prepare.n_tensors; ++t) flr::prepare_row(s.prepare, t);
+  for (int64_t t = 0; t <= s.prepare.n_tensors; ++t) flr::prepare_row(s.prepare, s.rule, t);
   for (const flr::Bucket& b : s.buckets) {
-    dispatch(b.dtype, [&](auto tag) {
-      for (int64_t block = b.first_block; block < b.first_block + b.n_blocks; ++block) {
-        for (int tid = 0; tid < threads; ++tid) flr::sgd_block<decltype(tag)>(s.update, block, chunk, tid, threads);
-      }
+    flr::with_rule(s.rule, [&](auto rule) {
+      dispatch(b.dtype, [&](auto tag) {
+        for (int64_t block = b.first_block; block < b.first_block + b.n_blocks; ++block) {
+          for (int tid = 0; tid < threads; ++tid)
+            flr::update_block<decltype(tag), decltype(rule)::value>(s.update, block, chunk, tid, threads);
+        }
+      });
     });
   }
   const int64_t rows = s.prepare.n_tensors > s.n_groups ? s.prepare.n_tensors : s.n_groups;

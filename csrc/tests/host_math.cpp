@@ -3,12 +3,15 @@
 // One command per line, numbers separated by blanks; one line of output per command.
 //
 //   table  S[MAX_SEGMENTS*SEGMENT_COLS] n k[n]     -> eval_table(S, k) for each k
-//   update f32|f64 H[HYPER_COLS] S[...] clock step lr_kind lr has_scale scale has_norm norm norm_is_double
-//          clip_by_norm max_norm rate_power rate_eps has_clip clip n (p g b)[n]
-//                                                -> (p' b')[n]: one tensor through prepare_row and
-//                                                   sgd_block (one thread, so every element passes
+//   update f32|f64 rule H[HYPER_COLS] S[...] clock step lr_kind lr has_scale scale has_norm norm norm_is_double
+//          clip_by_norm max_norm rate_power rate_eps has_clip clip has_found_inf found_inf n_states n
+//          (p g s[n_states])[n]
+//                                                -> (p' s'[n_states])[n]: one tensor of the rule with
+//                                                   that RULES code through prepare_row and
+//                                                   update_block (one thread, so every element passes
 //                                                   the same code; lr_kind 0: float lr, 1: float32
-//                                                   tensor lr, 2: float64 tensor lr)
+//                                                   tensor lr, 2: float64 tensor lr; s: the rule's
+//                                                   states in declaration order)
 //   norm   f32|f64 has_scale scale has_clip clip n g[n]
 //                                                -> sqrt of norm_block's sum over one block
 //   blocks chunk n (numel first_chunk)[n] total row[total]
@@ -46,6 +49,7 @@ int64_t address(const void* p) { return static_cast<int64_t>(reinterpret_cast<in
 
 template <typename T>
 void update(std::istream& in) {
+  const int rule = static_cast<int>(read1(in));
   auto hyper = read(in, L::HYPER_COLS);
   auto sched = read(in, L::MAX_SEGMENTS * L::SEGMENT_COLS);
   const float clock = static_cast<float>(read1(in));
@@ -63,35 +67,53 @@ void update(std::istream& in) {
   const double rate_eps = read1(in);
   const bool has_clip = read1(in) != 0;
   const double clip = read1(in);
+  const bool has_found_inf = read1(in) != 0;
+  const float found_inf = static_cast<float>(read1(in));
+  const auto n_states = static_cast<int>(read1(in));
   const auto n = static_cast<int64_t>(read1(in));
-  std::vector<T> p(n), g(n), b(n);
+  if (n_states < 0 || n_states > L::MAX_STATES) {
+    in.setstate(std::ios::failbit);
+    return;
+  }
+  std::vector<T> p(n), g(n);
+  std::vector<std::vector<T>> s(n_states, std::vector<T>(n));
   for (int64_t i = 0; i < n; ++i) {
     p[i] = static_cast<T>(read1(in));
     g[i] = static_cast<T>(read1(in));
-    b[i] = static_cast<T>(read1(in));
+    for (auto& state : s) state[i] = static_cast<T>(read1(in));
   }
   const float lr32 = static_cast<float>(lr), norm32 = static_cast<float>(norm);
   const int64_t lr32_at = lr_kind == 1 ? address(&lr32) : 0, lr64_at = lr_kind == 2 ? address(&lr) : 0;
   int64_t row[L::TENSOR_COLS] = {};
   row[L::T_PARAM] = address(p.data());
   row[L::T_GRAD] = address(g.data());
-  row[L::T_STATE0] = hyper[L::H_R0] != 0.0 ? address(b.data()) : 0;
+  bool aligned = row[L::T_PARAM] % 16 == 0 && row[L::T_GRAD] % 16 == 0;
+  for (int j = 0; j < n_states; ++j) {
+    row[L::T_STATE0 + j] = address(s[j].data());
+    aligned = aligned && row[L::T_STATE0 + j] % 16 == 0;
+  }
   row[L::T_STEP] = address(&step);
   row[L::T_NUMEL] = n;
-  row[L::T_ALIGNED] = row[L::T_PARAM] % 16 == 0 && row[L::T_GRAD] % 16 == 0 && row[L::T_STATE0] % 16 == 0;
+  row[L::T_ALIGNED] = aligned;
   double scratch[2 * L::COEF_COLS];
   const flr::PrepareArgs a = {row, 1, hyper.data(), sched.data(), &lr32_at, &lr64_at, &clock,
                               has_norm ? (norm_is_double ? static_cast<const void*>(&norm) : &norm32) : nullptr,
                               norm_is_double, clip_by_norm, max_norm, rate_power, rate_eps,
-                              has_scale ? &grad_scale : nullptr, nullptr, scratch};
-  flr::prepare_row(a, 0);
-  flr::prepare_row(a, 1);
+                              has_scale ? &grad_scale : nullptr, has_found_inf ? &found_inf : nullptr, scratch};
+  flr::prepare_row(a, rule, 0);
+  flr::prepare_row(a, rule, 1);
   const int32_t blocks[1] = {0};
   const flr::UpdateArgs u = {row, blocks, 1, hyper.data(), scratch, has_clip, clip};
-  flr::sgd_block<T>(u, 0, n > 0 ? n : 1, 0, 1);
+  const bool known = flr::with_rule(rule, [&](auto tag) {
+    flr::update_block<T, decltype(tag)::value>(u, 0, n > 0 ? n : 1, 0, 1);
+  });
+  if (!known) {
+    in.setstate(std::ios::failbit);
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) {
     print(p[i]);
-    print(b[i]);
+    for (const auto& state : s) print(state[i]);
   }
 }
 

@@ -8,11 +8,12 @@ integers. A step is at most two calls into it, with no host synchronisation:
   processed gradients; one block sums them, in a fixed order, into the norm;
 * ``step``: ``prepare`` (a thread per tensor) writes this step's scalars to a scratch table: lr
   from the group's clock and schedule (times a tensor lr, read on the device, and the
-  gradient-norm rate), the decoupled decay factor, the momentum buffer's first use, and the
-  step-wide clip coefficient, 1/grad_scale and found_inf; ``update`` (per bucket, a block per
-  chunk) applies docs/step.md steps 0-7 with 16-byte loads where the row is aligned;
-  ``increment`` then advances every step count and group clock unless found_inf is set
-  (docs/step.md, "Skipped steps").
+  gradient-norm rate), the decoupled decay factor, the momentum buffer's first use, the rule's
+  coefficients (Adam's bias corrections and Adagrad's lr decay from the tensor's step count), and
+  the step-wide clip coefficient, 1/grad_scale and found_inf; ``update`` (per bucket, a block per
+  chunk; one kernel per rule: SGD, Adam/AdamW, RMSprop, Adagrad) applies docs/step.md steps 0-7
+  with 16-byte loads where the row is aligned; ``increment`` then advances every step count and
+  group clock unless found_inf is set (docs/step.md, "Skipped steps").
 
 The device tables follow the plan (layout: fused_lr/core/layout.py). They are built once per plan
 (``rebuilds`` counts it); the tensor table is re-uploaded, into the same buffer, only when the
@@ -239,8 +240,6 @@ class CudaBackend:
         self._clocks: torch.Tensor | None = None  # the last clocks that passed the checks
 
     def unsupported(self, plan: Plan) -> str | None:
-        if plan.rule != L.RULE_SGD:
-            return f"rule code {plan.rule} (the CUDA kernels implement SGD)"
         bad = [b.dtype for b in plan.buckets if b.dtype not in self._codes]
         return f"dtype {bad[0]} (the CUDA kernels take {sorted(map(str, self._codes))})" if bad else None
 
