@@ -96,8 +96,8 @@ COMPARED = ("constant", "step", "exponential", "linear", "polynomial", "cosine",
 # The gradient-norm rate in the comparison, lr x (N + eps)^-0.5: with power 1 the update
 # lr x g / N has the length lr whatever the gradient, so only a schedule could make it settle;
 # 0.5 still shrinks the step as the gradients vanish (in proportion to sqrt(N)) while raising the
-# lr where they are small. The norm falls ~40-fold over a run (to ~0.08; README, "The demo"), so
-# the rate multiplies the lr by up to ~3.6: the run's base lr is scaled by 0.3 to peak near SGD's.
+# lr where they are small. The norm falls from ~5 to ~0.08 over a run (README, "The demo"), so the
+# rate multiplies the lr by 0.45 to 3.6: the run's base lr is scaled by 0.3 to peak near SGD's.
 NORM_RATE_POWER, NORM_RATE_SCALE = 0.5, 0.3
 # The articles' adaptive strategies beside them: AdamW under the cosine schedule; RMSprop's
 # average-gradient rate and SGD's gradient-norm rate alone (a constant schedule), so that the
