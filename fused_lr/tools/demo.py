@@ -30,6 +30,7 @@ from fused_lr.tools.models import digits_resnet
 from fused_lr.tools.plots import plot_compare, plot_run
 from fused_lr.tools.strategies import (
     COMPARE_RUNS,
+    COMPARED,
     CONTROL,
     OPTIMIZERS,
     STRATEGIES,
@@ -68,8 +69,9 @@ class Config:
         spec = OPTIMIZERS[optimizer]
         if optimizer != self.optimizer:
             return spec.lr, spec.weight_decay, spec.momentum
-        pick = lambda mine, default: default if mine is None else mine  # noqa: E731
-        return pick(self.lr, spec.lr), pick(self.weight_decay, spec.weight_decay), pick(self.momentum, spec.momentum)
+        return (spec.lr if self.lr is None else self.lr,
+                spec.weight_decay if self.weight_decay is None else self.weight_decay,
+                spec.momentum if self.momentum is None else self.momentum)
 
     def single_run(self) -> Run:
         return Run(self.schedule, self.optimizer, self.schedule, self.lr_norm_power)
@@ -411,14 +413,13 @@ def run_compare(config: Config, out: Path, progress_console: Console | None = No
     ``compare.csv`` and ``compare.json``."""
     device, data, steps, per_epoch = _prepare(config)
     check(config, COMPARE_RUNS, steps)
-    schedules = [r.name for r in COMPARE_RUNS if r.optimizer == "sgd" and r.name == r.schedule]
     print(f"fused-lr demo --compare: {_describe(config, data, steps, per_epoch)}")
     for optimizer in dict.fromkeys(r.optimizer for r in COMPARE_RUNS):
         print(f"  {_settings(config, optimizer)}")
     print(f"{len(COMPARE_RUNS)} runs without warm-up, from the same weights on the same batches: FusedSGD under "
-          f"{len(schedules)} schedules ({', '.join(schedules)}), and")
+          f"{len(COMPARED)} schedules ({', '.join(COMPARED)}), and")
     for run in COMPARE_RUNS:
-        if run.name not in schedules:
+        if run.name not in COMPARED:
             print(f"  {run.name}: {_about(run)}")
     warm_up(config, device, COMPARE_RUNS)
     with _progress(progress_console) as progress:

@@ -79,7 +79,7 @@ OPTIMIZERS: dict[str, Optimizer] = {
 
 
 class Run(NamedTuple):
-    """One run of ``demo --compare``: ``optimizer`` (an OPTIMIZERS key) under the schedule
+    """One training run of the demo: ``optimizer`` (an OPTIMIZERS key) under the schedule
     ``schedule`` (a STRATEGIES key), with the gradient-norm rate's power ``lr_norm_power`` and
     its lr scaled by ``lr_scale``."""
 
