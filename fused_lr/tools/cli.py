@@ -18,10 +18,10 @@ from importlib import metadata
 from pathlib import Path
 
 from fused_lr import __version__
-from fused_lr.tools.strategies import COMPARED, STRATEGIES
+from fused_lr.tools.strategies import ADAPTIVE, COMPARED, NORM_RATE_POWER, OPTIMIZERS, STRATEGIES
 
 DEMO_EPOCHS = 20
-COMPARE_EPOCHS = 8  # per run: ten runs must fit in about the time of one demo
+COMPARE_EPOCHS = 8  # per run: the 13 runs of --compare take about 5x the steps of one demo (2184 vs 420)
 # import name -> distribution, for the packages the [demo] extra installs
 DEMO_EXTRA = {"rich": "rich", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 
@@ -58,8 +58,8 @@ def _integer(minimum: int):
 
 
 def _number(text: str) -> float:
-    """Any float: the ranges are FusedSGD's to check (see demo.check), so the CLI cannot
-    disagree with the library about them."""
+    """Any float: the ranges are the fused optimizers' to check (see demo.check), so the CLI
+    cannot disagree with the library about them."""
     try:
         return float(text)
     except ValueError:
@@ -75,34 +75,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fused_lr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,info}")
 
+    defaults = "; ".join(
+        f"{name}: lr {o.lr}, weight decay {o.weight_decay}" + ("" if o.momentum is None else f", momentum {o.momentum}")
+        for name, o in OPTIMIZERS.items())
     demo = sub.add_parser(
-        "demo", help="train a small ResNet on scikit-learn's digits with FusedSGD",
+        "demo", help="train a small ResNet on scikit-learn's digits with a fused optimizer",
         description="Train fused_lr.tools.models.digits_resnet on scikit-learn's 8x8 handwritten digits (fixed 75/25 "
-                    "split) with FusedSGD: linear warm-up then --schedule, global-norm clipping, no weight decay "
-                    "on BN/bias. Prints the held-out accuracy and writes demo.png (loss, accuracy, lr, gradient "
-                    "norm per step) and demo.json to --out. With --compare: one run per classic lr strategy "
-                    f"({', '.join(COMPARED)}) plus stock torch.optim.SGD + clip_grad_norm_ + CosineAnnealingLR as "
-                    f"the control, {COMPARE_EPOCHS} epochs each by default, no warm-up; writes compare.png and "
-                    "compare.csv.")
+                    "split) with the fused --optimizer: linear warm-up then --schedule, global-norm clipping, no "
+                    "weight decay on BN/bias. Prints the held-out accuracy and writes demo.png (loss, accuracy, lr, "
+                    "gradient norm per step) and demo.json to --out. With --compare: FusedSGD under each classic "
+                    f"schedule ({', '.join(COMPARED)}), the adaptive strategies "
+                    f"({', '.join(r.name for r in ADAPTIVE)}) and stock torch.optim.SGD + clip_grad_norm_ + "
+                    f"CosineAnnealingLR as the control, {COMPARE_EPOCHS} epochs each by default, no warm-up; writes "
+                    f"compare.png, compare.csv and compare.json. Optimizer defaults: {defaults}.")
     budget = demo.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=_positive_int,
                         help=f"passes over the training set (default {DEMO_EPOCHS}; {COMPARE_EPOCHS} per run "
                              "with --compare)")
     budget.add_argument("--steps", type=_positive_int, help="optimizer steps in total, instead of --epochs")
     demo.add_argument("--batch-size", type=_positive_int, default=64, help="default 64")
-    demo.add_argument("--lr", type=_number, default=0.1, help="peak learning rate (default 0.1)")
-    demo.add_argument("--momentum", type=_number, default=0.9, help="default 0.9")
-    demo.add_argument("--weight-decay", type=_number, default=5e-4,
-                      help="on conv and linear weights only (default 5e-4)")
+    demo.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
+                      help="the fused optimizer (default sgd; --compare runs a fixed set)")
+    demo.add_argument("--lr", type=_number, default=None,
+                      help="peak learning rate (default: the --optimizer's, listed above)")
+    demo.add_argument("--momentum", type=_number, default=None, help="sgd and rmsprop only (default: the "
+                      "--optimizer's)")
+    demo.add_argument("--weight-decay", type=_number, default=None,
+                      help="on conv and linear weights only (default: the --optimizer's)")
     demo.add_argument("--max-grad-norm", type=_number, default=1.0, help="global-norm clipping (default 1)")
+    demo.add_argument("--lr-norm-power", type=_number, default=None,
+                      help="the power g of the gradient-norm rate lr x s(k) / (|grad| + 1e-6)^g (default 0: off; "
+                           f"not with --compare, whose sgd-norm-rate run uses {NORM_RATE_POWER})")
     demo.add_argument("--schedule", choices=sorted(STRATEGIES), default=None,
                       help="the lr schedule after warm-up (default cosine; not with --compare)")
     demo.add_argument("--warmup", type=_non_negative_int, default=None,
                       help="linear warm-up steps (default 5%% of the steps; not with --compare)")
     demo.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default 0)")
     demo.add_argument("--backend", default="auto",
-                      help="FusedSGD backend: auto (the default: the best one available for --device) or one of "
-                           "those `fused-lr info` lists")
+                      help="the fused optimizer's backend: auto (the default: the best one available for --device) "
+                           "or one of those `fused-lr info` lists")
     demo.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:N")
     demo.add_argument("--dtype", default="float32",
                       help="float32 (default) or float64, for the model and the data; float64 shows that FusedSGD's "
@@ -113,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("fused_lr_out"),
                       help="folder for the PNG and the metrics (default ./fused_lr_out)")
     demo.add_argument("--compare", action="store_true",
-                      help="compare nine lr strategies and a stock torch control instead")
+                      help=f"compare {len(COMPARED)} lr schedules, {len(ADAPTIVE)} adaptive strategies and a stock "
+                           "torch control instead")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
 
@@ -147,7 +159,7 @@ def _check_backend(name: str, device) -> None:
     from fused_lr import backends
 
     try:
-        backends.check_name(name)  # FusedSGD's own check: a known name, usable here
+        backends.check_name(name)  # the optimizers' own check: a known name, usable here
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"--backend {name}: {e}") from None
     if name == "auto":
@@ -157,13 +169,27 @@ def _check_backend(name: str, device) -> None:
                          f"not on --device {device}")
 
 
-def _check_out(out: Path) -> None:
+@contextmanager
+def _output_folder(out: Path):
+    """Makes --out (and its missing parents) and checks that it takes a file, before anything is
+    trained. When the command then fails (a setting the optimizer rejects, a diverging run, ^C),
+    the folders it made are removed again if still empty: a failed command leaves nothing behind."""
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first, as rmdir needs
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as e:
+            raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
+        yield
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not made after all, or holds something: keep it
+                break
+        raise
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -174,23 +200,30 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .demo import Config, ConfigError, Diverged, run_compare, run_demo
 
-    if args.compare and (args.schedule is not None or args.warmup is not None):
-        raise UsageError("--schedule and --warmup set up a single run; --compare runs every strategy without "
-                         "warm-up")
+    single = {"--schedule": args.schedule, "--warmup": args.warmup, "--lr-norm-power": args.lr_norm_power}
+    if args.compare and (given := [name for name, value in single.items() if value is not None]):
+        raise UsageError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} up a single run; --compare runs "
+                         "its fixed set of strategies without warm-up")
+    optimizer = args.optimizer or "sgd"
+    if args.compare and optimizer != "sgd":
+        raise UsageError(f"--optimizer {optimizer} picks a single run's optimizer; --compare runs a fixed set, and "
+                         "its --lr, --momentum and --weight-decay set the FusedSGD runs")
+    if args.momentum is not None and OPTIMIZERS[optimizer].momentum is None:
+        raise UsageError(f"--momentum: {OPTIMIZERS[optimizer].cls} has no momentum (only sgd and rmsprop take it)")
     if args.threads > (os.cpu_count() or 1):
         raise UsageError(f"--threads {args.threads}: this machine has {os.cpu_count()} logical cores")
     device = _device(args.device)
     _check_backend(args.backend, device)
-    _check_out(args.out)
     config = Config(steps=args.steps, epochs=args.epochs or (COMPARE_EPOCHS if args.compare else DEMO_EPOCHS),
-                    batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                    max_grad_norm=args.max_grad_norm, warmup=args.warmup, schedule=args.schedule or "cosine",
+                    batch_size=args.batch_size, optimizer=optimizer, lr=args.lr, momentum=args.momentum,
+                    weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                    lr_norm_power=args.lr_norm_power or 0.0, warmup=args.warmup, schedule=args.schedule or "cosine",
                     seed=args.seed, backend=args.backend, device=str(device), dtype=args.dtype)
     console = None if args.no_progress else Console(stderr=True)
     if console is not None and not console.is_terminal:
         console.width = 120  # a log gets the final state of each bar: keep the metrics on one line
     try:
-        with _cpu_threads(args.threads):
+        with _output_folder(args.out), _cpu_threads(args.threads):
             (run_compare if args.compare else run_demo)(config, args.out, console)
     except ConfigError as e:
         raise UsageError(str(e)) from None

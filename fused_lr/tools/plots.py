@@ -19,7 +19,9 @@ class Run(Protocol):
 
     name: str
     steps: int
+    optimizer: str  # the class: FusedSGD, FusedAdamW, ..., torch.optim.SGD
     backend: str  # "torch" marks the stock torch control
+    lr_norm_power: float  # > 0: the gradient-norm rate, and ``lr`` holds the effective lr
     loss: list[float]
     train_acc: list[float]
     lr: list[float]
@@ -45,12 +47,27 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _adaptive(run: Run) -> bool:
+    """Whether the step size also follows the gradients (an adaptive optimizer or the gradient-norm rate)."""
+    return run.optimizer not in ("FusedSGD", "torch.optim.SGD") or run.lr_norm_power > 0
+
+
+def _lr_title(runs: Sequence[Run]) -> str:
+    notes = []
+    if any(r.lr_norm_power > 0 for r in runs):
+        notes.append("gradient-norm rate: the effective lr x s(k) / (|g| + eps)^power")
+    if any(r.optimizer not in ("FusedSGD", "torch.optim.SGD") for r in runs):
+        notes.append("Adam/RMSprop/Adagrad: lr x s(k), before the per-element 1/sqrt(v)")
+    return "learning rate" + "".join(f"\n{n}" for n in notes)
+
+
 def plot_run(history: Run, path: Path, *, max_grad_norm: float, warmup: int) -> None:
     """Loss, accuracy, lr and gradient norm per step of one run, in a 2x2 grid."""
     steps = range(1, len(history.loss) + 1)
     fig = Figure(figsize=(11, 7.5), layout="constrained")
     (ax_loss, ax_acc), (ax_lr, ax_norm) = fig.subplots(2, 2, sharex=True)
-    fig.suptitle(f"digits_resnet, FusedSGD ({history.backend}), {history.name} schedule: "
+    rate = f", gradient-norm rate power {history.lr_norm_power:g}" if history.lr_norm_power else ""
+    fig.suptitle(f"digits_resnet, {history.optimizer} ({history.backend}), {history.name} schedule{rate}: "
                  f"test accuracy {history.final_test_acc:.2%}")
 
     ax_loss.plot(steps, history.loss, color="tab:blue", alpha=0.25, lw=0.8, label="batch")
@@ -69,7 +86,7 @@ def plot_run(history: Run, path: Path, *, max_grad_norm: float, warmup: int) -> 
     if warmup:
         ax_lr.axvline(warmup, color="gray", ls=":", label=f"end of warm-up ({warmup} steps)")
         ax_lr.legend()
-    ax_lr.set_title("learning rate")
+    ax_lr.set_title(_lr_title([history]), fontsize=10)
     ax_lr.set_xlabel("step")
 
     ax_norm.plot(steps, history.grad_norm, color="tab:orange", lw=0.8, label="global norm (before clipping)")
@@ -81,29 +98,44 @@ def plot_run(history: Run, path: Path, *, max_grad_norm: float, warmup: int) -> 
     _save(fig, path)
 
 
-def plot_compare(runs: Sequence[Run], path: Path) -> None:
-    """lr, training loss and test accuracy of every run, side by side. The torch control is
-    drawn on top, dashed with wide gaps: it runs the same recipe as FusedSGD's cosine, whose
-    line shows through the gaps instead of hiding under it."""
-    fig = Figure(figsize=(17, 5.5), layout="constrained")
+# the adaptive runs' colours, apart from the schedules' tab10 cycle; they are drawn dash-dotted too
+_ADAPTIVE_COLORS = ("#1b9e77", "#e7298a", "#000080", "#b8860b", "#8b0000")
+_LR_DECADES = 4  # the lr axis shows this many decades below the highest lr: schedules ending near 0 would squash it
+
+
+def plot_compare(runs: Sequence[Run], path: Path) -> Figure:
+    """lr, training loss and test accuracy of every run, side by side, and one legend to the
+    right of them (inside an axes, 13 entries hid the curves). The lr axis is logarithmic: the
+    adaptive optimizers' rates are 10-100x below SGD's. The torch control is drawn on top, dashed
+    with wide gaps: it runs the same recipe as FusedSGD's cosine, whose line shows through the
+    gaps instead of hiding under it."""
+    fig = Figure(figsize=(19, 5.8), layout="constrained")
     ax_lr, ax_loss, ax_acc = fig.subplots(1, 3, sharex=True)
-    fig.suptitle(f"digits_resnet: lr strategies with FusedSGD vs. the stock torch control "
+    fig.suptitle(f"digits_resnet: lr schedules with FusedSGD, adaptive strategies and the stock torch control "
                  f"({runs[0].steps} steps each)")
-    for i, run in enumerate(runs):
-        control = run.backend == "torch"
-        style = (dict(color="black", ls=(0, (2, 4)), lw=1.4, zorder=3) if control
-                 else dict(color=f"C{i % 10}", lw=1.2))
-        label = f"{run.name} ({run.final_test_acc:.1%})"
+    schedules, adaptive = iter(range(10)), iter(_ADAPTIVE_COLORS)
+    for run in runs:
+        if run.backend == "torch":
+            style = dict(color="black", ls=(0, (2, 4)), lw=1.4, zorder=3)
+        elif _adaptive(run):
+            style = dict(color=next(adaptive), ls="-.", lw=1.5, zorder=2.5)
+        else:
+            style = dict(color=f"C{next(schedules)}", lw=1.2)
+        label = f"{run.name}: {run.optimizer} ({run.final_test_acc:.1%})"
         steps = range(1, len(run.loss) + 1)
         ax_lr.plot(steps, run.lr, label=label, **style)
-        ax_loss.plot(steps, smooth(run.loss), label=label, **style)
-        ax_acc.plot(run.eval_step, run.test_acc, marker="o", ms=2.5, label=label, **style)
-    ax_lr.set_title("learning rate")
+        ax_loss.plot(steps, smooth(run.loss), **style)
+        ax_acc.plot(run.eval_step, run.test_acc, marker="o", ms=2.5, **style)
+    ax_lr.set_title(_lr_title(runs), fontsize=10)
+    ax_lr.set_yscale("log")
+    ax_lr.set_ylim(bottom=max(max(r.lr) for r in runs) * 10.0**-_LR_DECADES)
     ax_loss.set_title("training loss (smoothed)")
     ax_loss.set_yscale("log")
     ax_acc.set_title("held-out test accuracy")
     ax_acc.set_ylim(max(0.0, min(min(r.test_acc) for r in runs) - 0.02), 1.005)
     for ax in (ax_lr, ax_loss, ax_acc):
         ax.set_xlabel("step")
-    ax_acc.legend(title="strategy (final accuracy); dashed: torch control", fontsize=8, loc="lower right")
+    fig.legend(loc="outside right center", fontsize=8,
+               title="run: optimizer (final test accuracy)\ndash-dot: adaptive; dashed: torch control")
     _save(fig, path)
+    return fig

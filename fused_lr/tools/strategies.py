@@ -1,8 +1,10 @@
-"""The demo's learning-rate strategies, sized to a run's length.
+"""The demo's catalogues: learning-rate schedules sized to a run's length, the fused optimizers
+with their defaults for the digits task, and the runs of ``demo --compare``.
 
-Kept apart from :mod:`fused_lr.tools.demo` so that the CLI can list them (``--schedule``
-choices, ``--help``) at start-up: the schedules are built through ``fused_lr.schedules``, which
-the package loads on first use, so importing this module loads neither torch nor numpy.
+Kept apart from :mod:`fused_lr.tools.demo` so that the CLI can list them (``--schedule`` and
+``--optimizer`` choices, ``--help``) at start-up: the schedules are built through
+``fused_lr.schedules``, which the package loads on first use, so importing this module loads
+neither torch nor numpy.
 """
 
 from __future__ import annotations
@@ -51,11 +53,63 @@ STRATEGIES: dict[str, Strategy] = {
     "power-law": Strategy(lambda s, t: s.PowerLaw(0.01, 2.0, t), 1.0, "0.01^((k/T)^2)"),
 }
 
-# The nine classic strategies that `demo --compare` runs side by side, in the order it lists them.
+
+
+class Optimizer(NamedTuple):
+    """A fused optimizer (``cls``, a name exported by fused_lr) and its defaults for the demo.
+    ``momentum`` is None where the optimizer has none; ``fixed`` holds its other arguments
+    (torch's names), which the demo does not expose."""
+
+    cls: str
+    lr: float
+    weight_decay: float
+    momentum: float | None
+    fixed: dict
+    about: str
+
+
+# Defaults tuned on the digits task (seed 0, 20 epochs, warm-up + cosine; README "The demo" has
+# each one's accuracy). Weight decay goes on conv and linear weights only (fused_lr.param_groups).
+OPTIMIZERS: dict[str, Optimizer] = {
+    "sgd": Optimizer("FusedSGD", 0.1, 5e-4, 0.9, {}, "SGD with momentum"),
+    "adamw": Optimizer("FusedAdamW", 1e-2, 1e-2, None, {"betas": (0.9, 0.999)}, "AdamW, decoupled weight decay"),
+    "rmsprop": Optimizer("FusedRMSprop", 3e-3, 0.0, 0.0, {"alpha": 0.99}, "RMSprop: lr / sqrt(E[g^2])"),
+    "adagrad": Optimizer("FusedAdagrad", 0.1, 0.0, None, {}, "Adagrad: lr / sqrt(sum g^2)"),
+}
+
+
+class Run(NamedTuple):
+    """One training run of the demo: ``optimizer`` (an OPTIMIZERS key) under the schedule
+    ``schedule`` (a STRATEGIES key), with the gradient-norm rate's power ``lr_norm_power`` and
+    its lr scaled by ``lr_scale``."""
+
+    name: str
+    optimizer: str
+    schedule: str
+    lr_norm_power: float = 0.0
+    lr_scale: float = 1.0
+
+
+# The nine classic schedules that `demo --compare` runs side by side with FusedSGD, in the order it lists them.
 COMPARED = ("constant", "step", "exponential", "linear", "polynomial", "cosine", "cyclic", "inverse-time",
             "one-cycle")
+# The gradient-norm rate in the comparison, lr x (N + eps)^-0.5: with power 1 the update
+# lr x g / N has the length lr whatever the gradient, so only a schedule could make it settle;
+# 0.5 still shrinks the step as the gradients vanish (in proportion to sqrt(N)) while raising the
+# lr where they are small. The norm falls from ~5 to ~0.08 over a run (README, "The demo"), so the
+# rate multiplies the lr by 0.45 to 3.6: the run's base lr is scaled by 0.3 to peak near SGD's.
+NORM_RATE_POWER, NORM_RATE_SCALE = 0.5, 0.3
+# The articles' adaptive strategies beside them: AdamW under the cosine schedule; RMSprop's
+# average-gradient rate and SGD's gradient-norm rate alone (a constant schedule), so that the
+# rate is all that moves the step size.
+ADAPTIVE = (
+    Run("adamw-cosine", "adamw", "cosine"),
+    Run("rmsprop", "rmsprop", "constant"),
+    Run("sgd-norm-rate", "sgd", "constant", NORM_RATE_POWER, NORM_RATE_SCALE),
+)
 # The stock torch recipe the comparison holds FusedSGD's "cosine" run against.
 CONTROL = "torch-sgd-cosine"
+COMPARE_RUNS = (*(Run(name, "sgd", name) for name in COMPARED), *ADAPTIVE, Run(CONTROL, "sgd", "cosine"))
 
 
 def default_warmup(steps: int) -> int:
