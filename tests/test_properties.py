@@ -1,9 +1,9 @@
 """Property tests: every backend against the reference on identical random inputs.
 
 Hypothesis draws tensor sizes (1, odd, across the Numba chunk boundary), hyper-parameters,
-clipping settings, a GradScaler scale (with skipped steps), the schedule and the step count it
+clipping settings, a GradScaler scale (with skipped steps), the schedule and the group clock it
 starts from; the test runs one to three steps on the backend under test and on the reference
-and compares parameters, momentum buffers, step counts and the global norm.
+and compares parameters, momentum buffers, step counts, group clocks and the global norm.
 
 Tolerances, relative to each tensor's scale (max |value| before and after the steps):
 float64 1e-12 (measured worst over 400 examples: 1.4e-15): per element both sides do the
@@ -102,9 +102,12 @@ def run(case, backend, device):
         groups.append(dict(case["groups"][1], params=params[split:]))
     opt = FusedSGD(groups, backend=backend, max_grad_norm=case["max_grad_norm"], clip_value=case["clip_value"])
     if case["start_step"]:
-        # resuming a schedule mid-way, without momentum buffers yet (a buffer starts from the gradient)
-        for p in params:
-            opt.state[p]["step"] = torch.tensor(float(case["start_step"]), device=device)
+        # resuming a schedule mid-way, without momentum buffers yet (a buffer starts from the
+        # gradient): the schedule position is each group's clock, set through a checkpoint
+        sd = opt.state_dict()
+        for g in sd["param_groups"]:
+            g["schedule_step"] = torch.tensor(float(case["start_step"]))
+        opt.load_state_dict(sd)
     norms = []
     for step_grads, skip in zip(grads, case["skips"], strict=True):
         for p, g in zip(params, step_grads, strict=True):
@@ -116,7 +119,9 @@ def run(case, backend, device):
         norms.append(None if opt.last_grad_norm is None else float(opt.last_grad_norm))
     bufs = [opt.state[p].get("momentum_buffer") for p in params]
     steps = [float(opt.state[p]["step"]) for p in params]
-    return initial, [p.detach().cpu() for p in params], [None if b is None else b.cpu() for b in bufs], steps, norms
+    clocks = [float(g["schedule_step"]) for g in opt.state_dict()["param_groups"]]
+    return (initial, [p.detach().cpu() for p in params], [None if b is None else b.cpu() for b in bufs], steps,
+            clocks, norms)
 
 
 def assert_close(got, expected, initial, tol):
@@ -133,10 +138,11 @@ def test_steps_match_reference(backend, device):
     @given(case=step_cases())
     def check(case):
         tol = TOL[case["dtype"]]
-        initial, params, bufs, steps, norms = run(case, backend, device)
-        _, ref_params, ref_bufs, ref_steps, ref_norms = run(case, "reference", device)
-        assert steps == ref_steps
-        assert steps == [case["start_step"] + sum(not s for s in case["skips"])] * len(steps)
+        initial, params, bufs, steps, clocks, norms = run(case, backend, device)
+        _, ref_params, ref_bufs, ref_steps, ref_clocks, ref_norms = run(case, "reference", device)
+        taken = sum(not s for s in case["skips"])
+        assert steps == ref_steps == [taken] * len(steps)  # updates applied to each parameter
+        assert clocks == ref_clocks == [case["start_step"] + taken] * len(clocks)  # schedule positions
         assert_close(params, ref_params, initial, tol)
         assert [b is None for b in bufs] == [b is None for b in ref_bufs]
         assert_close([b for b in bufs if b is not None], [b for b in ref_bufs if b is not None],
