@@ -1,8 +1,9 @@
-"""The one parity matrix: every backend against stock torch over a real training run.
+"""The one parity matrix: optimizer x backend x dtype against stock torch over a real training run.
 
-torch side: clip_grad_value_ + clip_grad_norm_ + torch.optim.SGD + LambdaLR driven by the very
-schedule under test (each schedule's equality with torch's own scheduler classes is
-test_schedules.py's job). Backends join by registering in fused_lr.backends, not by copying.
+torch side: clip_grad_value_ + clip_grad_norm_ + the torch optimizer (SGD, AdamW, Adam, RMSprop,
+Adagrad) + LambdaLR driven by the very schedule under test (each schedule's equality with torch's
+own scheduler classes is test_schedules.py's job). Backends join by registering in
+fused_lr.backends, and optimizers by a line in OPTIMIZERS and a configuration, not by copying.
 
 Lengths. Every configuration runs SHORT_STEPS (20) steps, with its schedule laid over those 20
 steps so each schedule passes through all its phases (warm-up, decay boundaries, several cycles,
@@ -27,7 +28,7 @@ import pytest
 import torch
 from cases import backend_cases, batches, make_model, max_rel_diff, split_groups
 
-from fused_lr import FusedSGD, schedules
+from fused_lr import FusedAdagrad, FusedAdam, FusedAdamW, FusedRMSprop, FusedSGD, schedules
 
 SHORT_STEPS, LONG_STEPS = 20, 200
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -52,9 +53,24 @@ def configs(n):
         "onecycle": dict(momentum=0.9, max_grad_norm=0.05, schedule=schedules.OneCycle(n)),
         "cyclic": dict(momentum=0.9, dampening=0.1, schedule=schedules.Cyclic(3.0, n // 8, mode="triangular2")),
         "inverse-time": dict(weight_decay=5e-4, max_grad_norm=0.05, schedule=schedules.InverseTime(0.5, n // 20)),
+        # the adaptive family: every option of each rule, with clipping and a schedule
+        "adamw": dict(optimizer="adamw", weight_decay=5e-2, max_grad_norm=0.05,
+                      schedule=schedules.Warmup(n // 10, schedules.Cosine(n - n // 10))),
+        "adam-amsgrad": dict(optimizer="adam", betas=(0.8, 0.95), weight_decay=5e-3, amsgrad=True, maximize=True,
+                             clip_value=0.01, schedule=schedules.Step(n // 4, 0.5)),
+        "rmsprop": dict(optimizer="rmsprop", alpha=0.9, weight_decay=5e-4, max_grad_norm=0.05),
+        "rmsprop-centered": dict(optimizer="rmsprop", momentum=0.9, centered=True, max_grad_norm=0.05,
+                                 schedule=schedules.Cosine(n)),
+        "adagrad": dict(optimizer="adagrad", lr_decay=1e-2, initial_accumulator_value=0.1, weight_decay=5e-4,
+                        max_grad_norm=0.05, schedule=schedules.OneCycle(n)),
     }
 
 
+# optimizer -> (fused_lr's, torch's, base lr)
+OPTIMIZERS = {"sgd": (FusedSGD, torch.optim.SGD, 0.1), "adamw": (FusedAdamW, torch.optim.AdamW, 0.01),
+              "adam": (FusedAdam, torch.optim.Adam, 0.01), "rmsprop": (FusedRMSprop, torch.optim.RMSprop, 0.01),
+              "adagrad": (FusedAdagrad, torch.optim.Adagrad, 0.1)}
+FUSED_ONLY = ("optimizer", "max_grad_norm", "clip_value", "schedule", "decoupled_weight_decay")
 CONFIGS = configs(SHORT_STEPS)
 # the long run: the ResNet recipe, every stateful feature on
 LONG = dict(momentum=0.9, nesterov=True, weight_decay=5e-4, max_grad_norm=0.05,
@@ -68,14 +84,14 @@ SECOND_LR, SECOND_SCHEDULE = 0.05, schedules.Exponential(0.995)
 def torch_run(name, dtype, device, steps):
     """The torch oracle for one configuration; shared by every backend (callers must not modify it)."""
     cfg = LONG if name == "long" else CONFIGS[name]
+    _, torch_cls, lr = OPTIMIZERS[cfg.get("optimizer", "sgd")]
     model = make_model(dtype, device)
     decay, no_decay = split_groups(model)
     wd = cfg.get("weight_decay", 0.0)
-    decoupled = cfg.get("decoupled_weight_decay", False)
-    sgd_kw = dict(momentum=cfg.get("momentum", 0.0), dampening=cfg.get("dampening", 0.0),
-                  nesterov=cfg.get("nesterov", False), maximize=cfg.get("maximize", False))
-    opt = torch.optim.SGD([dict(params=decay, weight_decay=0.0 if decoupled else wd),
-                           dict(params=no_decay, lr=SECOND_LR, weight_decay=0.0)], lr=0.1, **sgd_kw)
+    decoupled = cfg.get("decoupled_weight_decay", False)  # SGD's: torch.optim.SGD has none, done by hand below
+    kw = {k: v for k, v in cfg.items() if k not in FUSED_ONLY and k != "weight_decay"}
+    opt = torch_cls([dict(params=decay, weight_decay=0.0 if decoupled else wd),
+                     dict(params=no_decay, lr=SECOND_LR, weight_decay=0.0)], lr=lr, **kw)
     sched = cfg.get("schedule", schedules.Constant())
     lrs = torch.optim.lr_scheduler.LambdaLR(opt, [sched, SECOND_SCHEDULE])
     params = list(model.parameters())
@@ -96,11 +112,12 @@ def torch_run(name, dtype, device, steps):
 
 
 def fused_run(cfg, dtype, device, backend, steps):
+    fused_cls, _, lr = OPTIMIZERS[cfg.get("optimizer", "sgd")]
     model = make_model(dtype, device)
     decay, no_decay = split_groups(model)
-    opt = FusedSGD([dict(params=decay),
-                    dict(params=no_decay, lr=SECOND_LR, weight_decay=0.0, schedule=SECOND_SCHEDULE)],
-                   lr=0.1, backend=backend, **cfg)
+    opt = fused_cls([dict(params=decay),
+                     dict(params=no_decay, lr=SECOND_LR, weight_decay=0.0, schedule=SECOND_SCHEDULE)],
+                    lr=lr, backend=backend, **{k: v for k, v in cfg.items() if k != "optimizer"})
     norms = []
     for x, y in batches(steps, dtype, device):
         opt.zero_grad()
