@@ -32,9 +32,11 @@
 
 #if defined(__CUDACC__)
 #define FLR_HD __host__ __device__ __forceinline__
+#define FLR_HD_CALL inline __host__ __device__ __noinline__
 #define FLR_UNROLL _Pragma("unroll")
 #else
 #define FLR_HD inline
+#define FLR_HD_CALL inline
 #define FLR_UNROLL
 #endif
 
@@ -171,7 +173,9 @@ struct PrepareArgs {
 //            (the reference's (1 - b2^t) ** 0.5 as sqrt: correctly rounded on host and device alike)
 //   RMSprop  lr; C0 alpha, C1 1 - alpha, C2 eps, C3 momentum
 //   Adagrad  lr / (1 + step x lr_decay); C0 eps
-FLR_HD void rule_coefs(int rule, const double* r, double lr, double step, double* out) {
+// A call on the device: inlined into prepare_row, its pow calls made ptxas spill around the
+// schedule's (nvcc -Xptxas -v).
+FLR_HD_CALL void rule_coefs(int rule, const double* r, double lr, double step, double* out) {
   double* c = out + L::C_C0;
   for (int j = 0; j < L::RULE_COLS; ++j) c[j] = 0.0;
   out[L::C_LR] = lr;
