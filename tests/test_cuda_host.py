@@ -211,23 +211,21 @@ N = 19  # four 16-byte packs of float32 and a tail; nine of float64 and a tail
 TOL = {torch.float64: dict(rtol=1e-14, atol=1e-14), torch.float32: dict(rtol=1e-6, atol=1e-6)}
 
 
-# the axes each rule crosses in full beside the variants, decays, maximize, value clipping and norm
-# uses; the others are drawn per case from a fixed seed (_assert_covered: each variant meets each
-# value). SGD's first use of a buffer and Adam's bias corrections depend on the step count.
-CROSSED = {L.RULE_SGD: ("clock_step",), L.RULE_ADAM: ("clock_step",), L.RULE_RMSPROP: (), L.RULE_ADAGRAD: ()}
+# Axes drawn per case from a fixed seed, beside the variants, decays, maximize, value clipping and
+# norm uses that every rule crosses in full; _assert_covered holds that each variant meets each value
+# of each (SGD's first use of a buffer and Adam's bias corrections depend on the step count).
 DRAWN = {"grad_scale": SCALES, "clock_step": CLOCK_STEPS, "schedule": LR_SCHEDULES, "lr_kind": LR_KINDS,
          "found_inf": FOUND_INF}
 
 
 def _update_cases(rule):
-    crossed = CROSSED[rule]
     combos = itertools.product([torch.float64, torch.float32], range(len(VARIANTS[rule])), DECAYS, [False, True],
-                               [None, 0.3], NORMS, *(DRAWN[axis] for axis in crossed))
-    for i, (dtype, variant, decay, maximize, clip, (norm, clip_by_norm, power), *values) in enumerate(combos):
+                               [None, 0.3], NORMS)
+    for i, (dtype, variant, decay, maximize, clip, (norm, clip_by_norm, power)) in enumerate(combos):
         rng = random.Random(i)
-        axes = {axis: rng.choice(choices) for axis, choices in DRAWN.items()} | dict(zip(crossed, values))
         yield dict(rule=rule, dtype=dtype, variant=variant, decay=decay, maximize=maximize, clip_value=clip,
-                   norm=norm, clip_by_norm=clip_by_norm, rate_power=power, seed=i, **axes)
+                   norm=norm, clip_by_norm=clip_by_norm, rate_power=power, seed=i,
+                   **{axis: rng.choice(choices) for axis, choices in DRAWN.items()})
 
 
 def _assert_covered(cases):
