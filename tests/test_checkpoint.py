@@ -70,6 +70,8 @@ def resume_main(backend, device, ckpt, out):
     torch.save({"model": model.state_dict(), "lr": opt.current_lr()}, out)
 
 
+# slow (a process per backend): tests/test_example.py resumes in a fresh process in the default run
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", backend_cases())
 def test_resume_in_fresh_process(backend, device, tmp_path):
     data = list(batches(STEPS, torch.float64, device))

@@ -85,6 +85,7 @@ def test_each_optimizer_learns_in_one_epoch(optimizer, tmp_path, capsys):
     assert_png(tmp_path / "demo.png")
 
 
+@pytest.mark.slow  # a whole demo in a subprocess; the in-process demo test covers the run by default
 def test_demo_console_script(tmp_path):
     script = Path(sys.executable).parent / "fused-lr"
     if not script.exists():

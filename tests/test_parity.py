@@ -147,7 +147,9 @@ def test_matches_torch(backend, device, case, dtype):
     check(case, CONFIGS[case], dtype, device, backend, SHORT_STEPS)
 
 
-@DTYPES
+# one long trajectory per backend in the default run (float64); the float32 ones with the slow tests
+@pytest.mark.parametrize("dtype", [torch.float64, pytest.param(torch.float32, marks=pytest.mark.slow)],
+                         ids=["f64", "f32"])
 @pytest.mark.parametrize("backend,device", backend_cases())
 def test_long_trajectory_matches_torch(backend, device, dtype):
     check("long", LONG, dtype, device, backend, LONG_STEPS)
