@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -70,25 +71,37 @@ def resume_main(backend, device, ckpt, out):
     torch.save({"model": model.state_dict(), "lr": opt.current_lr()}, out)
 
 
-# slow (a process per backend): tests/test_example.py resumes in a fresh process in the default run
+@pytest.fixture(scope="module")
+def fresh_process(tmp_path_factory):
+    """A checkpoint taken mid-schedule on every backend that runs here, all resumed by one fresh
+    interpreter (starting one costs more than the runs): (the child's stderr, the folder with
+    its outputs, the lr each saved optimizer would have used next)."""
+    folder = tmp_path_factory.mktemp("resume")
+    jobs, saved_lrs = [], {}
+    for backend, device in (tuple(case.values) for case in backend_cases() if not case.marks):
+        part = make_model(torch.float64, device)
+        part_opt = fused_opt(part, backend)
+        train(part, part_opt, list(batches(STEPS, torch.float64, device))[:SAVE_AT])
+        saved_lrs[backend, device] = part_opt.current_lr()
+        ckpt = folder / f"{backend}-{device}.pt"
+        torch.save({"model": part.state_dict(), "opt": part_opt.state_dict()}, ckpt)
+        jobs += [backend, device, str(ckpt), str(folder / f"{backend}-{device}-resumed.pt")]
+    proc = subprocess.run([sys.executable, __file__, *jobs], capture_output=True, text=True, cwd=ROOT,
+                          env=os.environ, timeout=300)
+    return proc.stderr, folder, saved_lrs
+
+
+# slow (an interpreter start): tests/test_example.py resumes in a fresh process in the default run
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,device", backend_cases())
-def test_resume_in_fresh_process(backend, device, tmp_path):
-    data = list(batches(STEPS, torch.float64, device))
+def test_resume_in_fresh_process(backend, device, fresh_process):
+    stderr, folder, saved_lrs = fresh_process
+    out = folder / f"{backend}-{device}-resumed.pt"
+    assert out.exists(), stderr
     full = make_model(torch.float64, device)
     full_opt = fused_opt(full, backend)
-    train(full, full_opt, data)
-
-    part = make_model(torch.float64, device)
-    part_opt = fused_opt(part, backend)
-    train(part, part_opt, data[:SAVE_AT])
-    assert part_opt.current_lr() != full_opt.current_lr()  # saved mid-schedule
-    torch.save({"model": part.state_dict(), "opt": part_opt.state_dict()}, tmp_path / "ckpt.pt")
-
-    out = tmp_path / "resumed.pt"
-    proc = subprocess.run([sys.executable, __file__, backend, device, str(tmp_path / "ckpt.pt"), str(out)],
-                          capture_output=True, text=True, cwd=ROOT, env=os.environ, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    train(full, full_opt, list(batches(STEPS, torch.float64, device)))
+    assert saved_lrs[backend, device] != full_opt.current_lr()  # saved mid-schedule
     resumed = load(out, device)
     assert resumed["lr"] == full_opt.current_lr()
     for name, value in full.state_dict().items():
@@ -200,4 +213,13 @@ def test_checkpoint_after_skipped_first_step(backend, device, tmp_path):
 
 
 if __name__ == "__main__":
-    resume_main(*sys.argv[1:])
+    # (backend, device, checkpoint, output) per job; a job that fails leaves no output, and the
+    # others still run
+    args, failed = sys.argv[1:], False
+    for i in range(0, len(args), 4):
+        try:
+            resume_main(*args[i : i + 4])
+        except Exception:
+            traceback.print_exc()
+            failed = True
+    sys.exit(1 if failed else 0)
