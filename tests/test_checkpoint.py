@@ -91,7 +91,6 @@ def fresh_process(tmp_path_factory):
     return proc.stderr, folder, saved_lrs
 
 
-# slow (an interpreter start): tests/test_example.py resumes in a fresh process in the default run
 @pytest.mark.parametrize("backend,device", backend_cases())
 def test_resume_in_fresh_process(backend, device, fresh_process):
     stderr, folder, saved_lrs = fresh_process
