@@ -89,7 +89,7 @@ class Plan:
     grad_version: int = 0
     state_version: int = 0
     _grad_ptrs: list[int] | None = None
-    # what a gradient must be to be used as is: (types, is_contiguous per row, [(row, strides)] of the
+    # what a gradient must be to be used as is: (is_contiguous per row, [(row, strides)] of the
     # rows whose parameter is not contiguous); and which rows are 16-byte aligned but for the gradient
     _expect: tuple | None = None
     _aligned: np.ndarray | None = None
@@ -120,7 +120,7 @@ class Plan:
                    norm_dtype=norm_dtype)
         if problem is None:
             contiguous = list(map(_IS_CONTIGUOUS, params))
-            plan._expect = ([torch.Tensor] * len(params), contiguous,
+            plan._expect = (contiguous,
                             [(i, p.stride()) for i, (p, c) in enumerate(zip(params, contiguous, strict=True)) if not c])
             plan._aligned = table[:, L.T_PARAM] % 16 == 0
         return plan
@@ -144,8 +144,8 @@ class Plan:
         # torch's grad setter already holds a gradient to its parameter's dtype, device and shape,
         # and a gradient without plain storage has no address (data_ptr raised above); what is left
         # to check is the layout, in C-level maps: a non-dense gradient must never be walked flat
-        if ptrs is None or self._grad_ptrs is None or list(map(_IS_CONTIGUOUS, grads)) != self._expect[1] \
-                or any(grads[i].stride() != st for i, st in self._expect[2]):
+        if ptrs is None or self._grad_ptrs is None or list(map(_IS_CONTIGUOUS, grads)) != self._expect[0] \
+                or any(grads[i].stride() != st for i, st in self._expect[1]):
             grads = [self._conforming(i, g, where) for i, g in enumerate(grads)]
             ptrs = list(map(_DATA_PTR, grads))
         grad_col = self.table[:, L.T_GRAD]
