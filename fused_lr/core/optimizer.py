@@ -87,9 +87,25 @@ def _as_dtensor(local: torch.Tensor, like) -> torch.Tensor:
 
 
 def _same(a: tuple, b: tuple | None) -> bool:
-    """Tuple equality that compares tensors by identity (== on a CUDA tensor would sync)."""
-    return b is not None and len(a) == len(b) and all(
+    """Tuple equality that compares tensors by identity (== on a CUDA tensor would sync). Values
+    nobody touched are the very same objects: one C-level pass settles the common case."""
+    if b is None or len(a) != len(b):
+        return False
+    return all(map(operator.is_, a, b)) or all(
         x is y or (type(x) is not torch.Tensor and type(y) is not torch.Tensor and x == y) for x, y in zip(a, b))
+
+
+@functools.cache
+def _hyper_names(cls) -> tuple[str, ...]:
+    """The keys of a param group the kernels read, in a fixed order."""
+    return ("lr", "schedule", *(h.name for h in COMMON), *(h.name for h in cls.hypers))
+
+
+# torch.compile: a compiled training step graph-breaks at step() and runs it eagerly. The step is
+# a few fused launches planned in Python; tracing it would gain nothing and would guard on every
+# group's hyper-parameters (a recompile whenever a scheduler moves the lr). torch's lazy form of
+# torch.compiler.disable: torch._dynamo (a second of imports) loads only when something compiles.
+_untraced_step = torch._disable_dynamo(lambda opt, closure: opt._eager_step(closure))
 
 
 def _caller_stacklevel() -> int:
@@ -165,7 +181,7 @@ class FusedOptimizer(Optimizer):
     # ---------------------------------------------------------------- declarations, validated
     @property
     def _hyper_names(self) -> tuple[str, ...]:
-        return ("lr", "schedule", *(h.name for h in COMMON), *(h.name for h in self.hypers))
+        return _hyper_names(type(self))
 
     def _check_group(self, group: dict, where: str) -> None:
         """Raise naming the first bad hyper-parameter of a param group."""
@@ -217,6 +233,7 @@ class FusedOptimizer(Optimizer):
         self._settings: Settings | None = None
         self._group_keys: list = []
         self._backend = None
+        self._last_runner: tuple | None = None  # (plan, chosen backend, what runs it)
         self._ran: str | None = None
         self._warned: set[str] = set()
 
@@ -504,7 +521,16 @@ class FusedOptimizer(Optimizer):
         return self._ran
 
     def _runner(self, plan: Plan):
+        """The backend that runs ``plan``: the chosen one, or the reference (once per plan and backend)."""
+        last = self._last_runner
+        if last is not None and last[0] is plan and last[1] is self._backend:
+            return last[2]
         backend = self._backend_for(plan.device)
+        runner = self._pick_runner(plan, backend)
+        self._last_runner = (plan, backend, runner)
+        return runner
+
+    def _pick_runner(self, plan: Plan, backend):
         reason = plan.problem or backend.unsupported(plan)
         if reason is None or backend.name == "reference":  # the reference takes any tensor torch computes with
             return backend
@@ -514,12 +540,13 @@ class FusedOptimizer(Optimizer):
                           f"because of {reason}", RuntimeWarning, stacklevel=_caller_stacklevel())
         return backends.create("reference", plan.device)
 
-    # torch.compile: a compiled training step graph-breaks here and runs the step eagerly. The
-    # step is a few fused launches planned in Python; tracing it would gain nothing and would
-    # guard on every group's hyper-parameters (a recompile whenever a scheduler moves the lr).
-    @torch.compiler.disable
     def step(self, closure=None):
         """One fused step (docs/step.md). ``closure`` re-evaluates the loss, as for torch's optimizers."""
+        if torch.compiler.is_compiling():
+            return _untraced_step(self, closure)
+        return self._eager_step(closure)
+
+    def _eager_step(self, closure):
         if _HOOKS_OR_PROFILER(self):
             return self._hooked_step(closure)
         return self._step(closure)
