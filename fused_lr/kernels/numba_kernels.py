@@ -77,10 +77,13 @@ def prepare(table, hyper, schedules_, clocks, scalars, consts, rule):
     rounded to the tensor dtype. ``scalars`` (float64) = [1/grad_scale, clip value or inf, clip
     coefficient (1 when off), gradient-norm rate (1 when off)]."""
     k_like = np.zeros(1, np.float32)
+    group_lr = np.empty(hyper.shape[0])  # the schedule is the group's: evaluated once per group
+    for gi in range(hyper.shape[0]):
+        group_lr[gi] = hyper[gi, H_LR] * eval_table(schedules_[gi], np.float64(clocks[gi])) * scalars[3]
     for t in range(table.shape[0]):
         gi = table[t, T_GROUP]
         h = hyper[gi]
-        lr = h[H_LR] * eval_table(schedules_[gi], np.float64(clocks[gi])) * scalars[3]
+        lr = group_lr[gi]
         step = np.float64(carray(_pointer(table[t, T_STEP], k_like), 1)[0])
         c = consts[t]
         c[C_WD] = h[H_WD]
