@@ -92,6 +92,14 @@ class _Tables:
         self.scratch = torch.empty((self.n_tensors + 1, L.COEF_COLS), dtype=torch.float64, device=plan.device)
         self.partials = torch.empty(max(self.n_chunks, 1), dtype=plan.norm_dtype, device=plan.device)
         self.interpreted = interpreted
+        # per span, what its launches take, sliced once: (dtype, chunks, n, partials, aligned, rows, grid)
+        self.launches = []
+        for dtype, c0, c1, aligned in self.spans:
+            rows = self.rows(c1 - c0)
+            self.launches.append((dtype, self.chunks[c0:c1], c1 - c0, self.partials[c0:c1], aligned, rows,
+                                  (-(-(c1 - c0) // rows),)))
+        # one program over every chunk writes the norm itself; otherwise partials + a final sum
+        self.final = len(self.spans) == 1 and self.rows(self.n_chunks) >= self.n_chunks
 
     def rows(self, n_chunks: int) -> int:
         """Chunks per program: 1 compiled; interpreted, as many as fit a tile of _INTERP_TILE."""
@@ -117,6 +125,8 @@ class TritonBackend:
         self._schedules: torch.Tensor | None = None
         self._flags: dict = {}
         self._rule = L.RULE_SGD
+        self._update_key = None
+        self._update_flags: dict = {}
         self.rebuilds = 0  # tables built from a new plan (not gradient refreshes): the cache's observable behaviour
 
     def unsupported(self, plan: Plan) -> str | None:
@@ -126,7 +136,9 @@ class TritonBackend:
     # ------------------------------------------------------------------ device copies
     def _tables_for(self, plan: Plan) -> _Tables:
         tab = self._tables
-        if tab is None or tab.plan is not plan or (tab.aligned != plan.table[:, L.T_ALIGNED]).any():
+        # the alignment column moves only with the addresses, so only a new version can change the spans
+        if tab is None or tab.plan is not plan or (tab.versions != (plan.grad_version, plan.state_version) and (
+                tab.aligned != plan.table[:, L.T_ALIGNED]).any()):
             self.rebuilds += 1
             tab = self._tables = _Tables(plan, self._interpreted)
         elif tab.versions != (plan.grad_version, plan.state_version):
@@ -184,16 +196,13 @@ class TritonBackend:
         scale = scalars.grad_scale if scalars.grad_scale is not None else hyper
         n_groups = len(settings.groups)
         with _device(plan.device):
-            # one program over every chunk writes the norm itself; otherwise partials + a final sum
-            final = len(tab.spans) == 1 and tab.rows(tab.n_chunks) >= tab.n_chunks
-            for dtype, c0, c1, aligned in tab.spans:
-                rows = tab.rows(c1 - c0)
-                K.sumsq_kernel[(-(-(c1 - c0) // rows),)](
-                    tab.tensors, tab.chunks[c0:c1], c1 - c0, tab.partials[c0:c1], out, hyper, scale, n_groups,
+            for dtype, chunks, n, partials, aligned, rows, grid in tab.launches:
+                K.sumsq_kernel[grid](
+                    tab.tensors, chunks, n, partials, out, hyper, scale, n_groups,
                     DTYPE=self._tl[dtype], HAS_SCALE=scalars.grad_scale is not None,
-                    HAS_CLIP_VALUE=settings.clip_value is not None, FINAL=final, ALIGNED=aligned, ROWS=rows,
+                    HAS_CLIP_VALUE=settings.clip_value is not None, FINAL=tab.final, ALIGNED=aligned, ROWS=rows,
                     BLOCK=tab.block, CHUNK=tab.chunk)
-            if not final:
+            if not tab.final:
                 K.sqrt_sum_kernel[(1,)](tab.partials, tab.n_chunks, out, BLOCK=_SUM_BLOCK)
         return out
 
@@ -207,22 +216,26 @@ class TritonBackend:
         scale = scalars.grad_scale if scalars.grad_scale is not None else hyper
         n_groups = len(settings.groups)
         clip = norm is not None and settings.max_grad_norm is not None
+        has_scale = scalars.grad_scale is not None
+        # the update's constexprs, built once per combination (a dict of 14 keys costs a few us)
+        key = (self._settings_key, tab, clip, settings.clip_value is not None, has_scale)
+        if key != self._update_key:
+            self._update_key = key
+            self._update_flags = dict(
+                RULE=plan.rule, HAS_CLIP=clip, HAS_CLIP_VALUE=settings.clip_value is not None, HAS_SCALE=has_scale,
+                MAXIMIZE=flags["MAXIMIZE"], COUPLED_WD=flags["COUPLED_WD"], DECOUPLED_WD=flags["DECOUPLED_WD"],
+                MOMENTUM=flags["MOMENTUM"], NESTEROV=flags["NESTEROV"], AMSGRAD=flags["AMSGRAD"],
+                CENTERED=flags["CENTERED"], BLOCK=tab.block, CHUNK=tab.chunk)
+        update_flags = self._update_flags
         with _device(plan.device):
             K.prepare_kernel[(1,)](
                 tab.tensors, tab.n_tensors, hyper, schedules, clocks, n_groups, tab.scratch,
                 norm if norm is not None else hyper, scale, found,
-                HAS_CLIP=clip, HAS_RATE=settings.lr_norm_power != 0, HAS_SCALE=scalars.grad_scale is not None,
+                HAS_CLIP=clip, HAS_RATE=settings.lr_norm_power != 0, HAS_SCALE=has_scale,
                 HAS_FOUND=scalars.found_inf is not None, RULE=plan.rule, KINDS=flags["KINDS"], BLOCK=_PREPARE_BLOCK)
-            for dtype, c0, c1, aligned in tab.spans:
-                rows = tab.rows(c1 - c0)
-                K.update_kernel[(-(-(c1 - c0) // rows),)](
-                    tab.tensors, tab.chunks[c0:c1], c1 - c0, tab.n_tensors, hyper, n_groups, tab.scratch,
-                    DTYPE=self._tl[dtype], RULE=plan.rule, HAS_CLIP=clip,
-                    HAS_CLIP_VALUE=settings.clip_value is not None, HAS_SCALE=scalars.grad_scale is not None,
-                    MAXIMIZE=flags["MAXIMIZE"],
-                    COUPLED_WD=flags["COUPLED_WD"], DECOUPLED_WD=flags["DECOUPLED_WD"], MOMENTUM=flags["MOMENTUM"],
-                    NESTEROV=flags["NESTEROV"], AMSGRAD=flags["AMSGRAD"], CENTERED=flags["CENTERED"], ALIGNED=aligned,
-                    ROWS=rows, BLOCK=tab.block, CHUNK=tab.chunk)
+            for dtype, chunks, n, _, aligned, rows, grid in tab.launches:
+                K.update_kernel[grid](tab.tensors, chunks, n, tab.n_tensors, hyper, n_groups, tab.scratch,
+                                      DTYPE=self._tl[dtype], ALIGNED=aligned, ROWS=rows, **update_flags)
 
 
 def _is_interpreted(kernels) -> bool:
