@@ -331,11 +331,13 @@ def host_main(args) -> int:
     load_before = os.getloadavg()[0]
     rows = host_bench.run(repeat=max(args.repeat, 100))
     load_after = os.getloadavg()[0]
-    print(f"{'host cost per step (161 tensors, 1-8 elements)':<62} {'median us':>10} {'min us':>8} {'x torch':>8}")
+    print(f"{'host cost per step (161 tensors, 1-8 elements)':<62} {'regime':>6} {'median us':>10} {'min us':>8} "
+          f"{'x torch':>8}")
     for r in rows:
-        print(f"{r['contender']:<62} {r['median_us']:>10.0f} {r['min_us']:>8.0f} {r['vs_torch']:>8.2f}")
+        print(f"{r['contender']:<62} {r['regime']:>6} {r['median_us']:>10.0f} {r['min_us']:>8.0f} "
+              f"{r['vs_torch']:>8.2f}")
     reasons = disturbance(load_before, load_after, args.threads,
-                          {r["contender"]: r["median_us"] / r["min_us"] for r in rows}, 1.0, 1.0)
+                          {f"{r['contender']} ({r['regime']})": r["median_us"] / r["min_us"] for r in rows}, 1.0, 1.0)
     print(verdict(reasons))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host.json").write_text(json.dumps(dict(machine=machine(), rows=rows, reasons=reasons), indent=2))

@@ -6,7 +6,8 @@ is the host work of a step: torch ``SGD(fused=True)`` + ``clip_grad_norm_(foreac
 0.9, weight decay on conv/linear weights, a cosine schedule), with new gradient tensors every step
 as ``zero_grad(set_to_none=True)`` gives them. The GPU backends cannot launch here, so their
 kernels are replaced by no-ops: their figure is the Python they add per step. Contenders are
-timed interleaved, one step each per round.
+timed interleaved: per round, a burst of steps each, the first timed cold (the others' steps have
+evicted its data, as a training step's forward and backward do), the rest warm.
 
 ``fused-lr bench --host`` runs it (see :func:`main` in fused_lr/tools/bench.py).
 """
@@ -132,19 +133,25 @@ def contenders() -> dict[str, Contender]:
     return out
 
 
-def run(repeat: int = 300, warmup: int = 20) -> list[dict]:
+def run(repeat: int = 300, warmup: int = 20, burst: int = 4) -> list[dict]:
+    """Per round, each contender takes ``burst`` steps in a row. The first is timed "cold": the
+    other contenders ran since its last step and evicted its data from the caches, as a forward
+    and backward do in training. The others are timed "warm", back to back."""
     fns = contenders()
     for new_grads, step in fns.values():
         for _ in range(warmup):
             new_grads()
             step()
-    times = {name: [] for name in fns}
+    cold = {name: [] for name in fns}
+    warm = {name: [] for name in fns}
     for _ in range(repeat):
         for name, (new_grads, step) in fns.items():
-            new_grads()
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-    base = statistics.median(next(iter(times.values())))
-    return [dict(contender=name, median_us=statistics.median(t) * 1e6, min_us=min(t) * 1e6,
-                 vs_torch=statistics.median(t) / base) for name, t in times.items()]
+            for i in range(burst):
+                new_grads()
+                t0 = time.perf_counter()
+                step()
+                (warm if i else cold)[name].append(time.perf_counter() - t0)
+    base = {regime: statistics.median(next(iter(times.values()))) for regime, times in (("cold", cold), ("warm", warm))}
+    return [dict(contender=name, regime=regime, median_us=statistics.median(t) * 1e6, min_us=min(t) * 1e6,
+                 vs_torch=statistics.median(t) / base[regime])
+            for regime, times in (("cold", cold), ("warm", warm)) for name, t in times.items()]
