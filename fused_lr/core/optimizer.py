@@ -559,19 +559,28 @@ class FusedOptimizer(Optimizer):
     def _hooked_step(self, closure):
         return Optimizer.profile_hook_step(type(self)._step)(self, closure)
 
-    @torch.no_grad()
     def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # torch.no_grad() without its per-call context object (a microsecond a step)
+        grad_was = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._fused_step()
+        finally:
+            torch._C._set_grad_enabled(grad_was)
+        return loss
+
+    def _fused_step(self) -> None:
         settings = self._refresh_settings()
         plan, params = self._current_plan()
         scalars = StepScalars(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         needs_norm = self.max_grad_norm is not None or self.error_if_nonfinite or self.lr_norm_power != 0
         if plan is None:
             self._step_without_gradients(params, scalars, needs_norm)
-            return loss
+            return
         runner = self._runner(plan)
         norm = None
         if needs_norm:
@@ -589,7 +598,6 @@ class FusedOptimizer(Optimizer):
         runner.update(plan, settings, clocks, scalars, norm)
         self._ran = runner.name
         self.last_grad_norm = norm
-        return loss
 
     def _step_without_gradients(self, params: list, scalars: StepScalars, needs_norm: bool) -> None:
         """No parameter has a gradient: the groups' clocks still advance (as torch's schedulers do),
