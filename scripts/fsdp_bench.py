@@ -189,7 +189,7 @@ def measure(cfg: dict) -> dict:
     for _ in range(cfg["repeat"]):
         order.shuffle(names)
         for name in names:
-            dist.barrier()  # both ranks time the same contender together
+            dist.barrier()  # every rank times the same contender at once
             t = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - t)
@@ -202,7 +202,6 @@ def measure(cfg: dict) -> dict:
         t.to_local().numel() * t.element_size() for t in state)
     return dict(rank=cfg["rank"], numel=sum(t.numel() for t in local), tensors=len(local), step_bytes=step_bytes,
                 total_numel=sum(p.numel() for p in net.parameters()),
-                grads_contiguous=all(p.grad.to_local().is_contiguous() for p in net.parameters()),
                 backends={name: opt.backend for name, opt in opts.items()}, threads=torch.get_num_threads(),
                 setup_s=setup_s, times_ms={name: [1e3 * t for t in ts] for name, ts in times.items()})
 
