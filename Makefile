@@ -8,7 +8,7 @@ $(BIN)/fused-lr: pyproject.toml setup.py constraints-cpu.txt CMakeLists.txt $(wi
 	$(BIN)/pip install -q -c constraints-cpu.txt -e ".[demo,test]"
 	touch $@
 
-.PHONY: demo test bench gpu-check
+.PHONY: demo test bench bench-fsdp gpu-check
 demo: $(BIN)/fused-lr
 	$(BIN)/fused-lr demo
 
@@ -18,6 +18,11 @@ test: $(BIN)/fused-lr
 
 bench: $(BIN)/fused-lr
 	$(BIN)/pytest benchmarks/ --benchmark-only
+
+# FSDP2 on 2 gloo CPU ranks: the Numba step on the local shards against a plain model of their
+# size (scripts/fsdp_bench.py --help; benchmarks/README.md, "FSDP2 (numba, 2 gloo ranks)")
+bench-fsdp: $(BIN)/fused-lr
+	$(BIN)/python scripts/fsdp_bench.py --views
 
 # GPU machines only, with no .venv: their own python3 (a CUDA torch) builds the extension offline
 # and runs every GPU check, writing everything to GPU_CHECK_OUT (scripts/gpu_check.py --help).
