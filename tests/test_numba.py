@@ -10,7 +10,11 @@ accumulation and this kernel's from float64, so the clip coefficient may differ 
 """
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +27,7 @@ pytestmark = pytest.mark.skipif(available_backends()["numba"] is not True, reaso
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, max_grad_norm=0.5, schedule=schedules.Cosine(20))
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def odd_params(dtype, seed=0):
@@ -228,3 +233,36 @@ def test_new_gradients_each_step_reuse_the_tables():
     assert fused._backend.rebuilds == 1  # the work lists, built at the first step
     for p, q in zip(params, twins):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
+SERIAL_TWIN = '''
+import numpy as np
+from numba import njit, prange
+from fused_lr.kernels.numba_kernels import _serial
+
+@njit(parallel=True, cache=True)
+def total(x):
+    s = 0.0
+    for i in prange(x.shape[0]):
+        s += x[i]
+    return s
+
+total_serial = _serial(total)
+'''
+
+
+def test_serial_twins_have_their_own_cache_entries(tmp_path):
+    """Numba's on-disk cache files machine code under the function's qualified name and line, not
+    its compile options: a one-thread twin built from the same function object shared the parallel
+    kernel's entry, so whichever variant compiled first was loaded for both (ResNet-50's step ran
+    on one thread at half speed after a test had cached the serial variant)."""
+    (tmp_path / "twin_mod.py").write_text(SERIAL_TWIN)
+    code = "import numpy as np, twin_mod; x = np.ones(8); assert twin_mod.total_serial(x) == twin_mod.total(x) == 8"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    indexes = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").rglob("twin_mod.*.nbi"))
+    assert indexes == ["twin_mod.total", "twin_mod.total_serial"]
+    for kernel in (numba_backend.K.update, numba_backend.K.sumsq):
+        twin = getattr(numba_backend.K, kernel.py_func.__name__ + "_serial")
+        assert twin.py_func.__qualname__ != kernel.py_func.__qualname__
+        assert twin.py_func.__code__ is kernel.py_func.__code__  # one kernel source, two compilations

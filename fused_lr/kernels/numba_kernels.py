@@ -9,6 +9,7 @@ memory of the dtype the call assumes, which the ``scalars``/``consts`` argument'
 from __future__ import annotations
 
 import zlib
+from types import FunctionType
 
 import numpy as np
 from numba import carray, njit, prange, types
@@ -268,10 +269,21 @@ def update(table, chunk_t, chunk_lo, chunk_hi, hyper, consts, rule):
         carray(_pointer(table[t, T_STEP], k_like), 1)[0] += 1
 
 
+def _serial(kernel, **options):
+    """``kernel`` compiled for one thread, as a function of its own name: Numba's on-disk cache
+    files a function under its qualified name and line, whatever the compile options, so a serial
+    twin of the same function object would load the parallel machine code or hand its own to the
+    parallel kernel, whichever was cached first."""
+    f = kernel.py_func
+    twin = FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    return njit(cache=True, **options)(twin)
+
+
 # The same passes on one thread, for work too small to pay for waking the thread pool (a few
 # hundred thousand elements take less than the pool's start-up).
-sumsq_serial = njit(cache=True, fastmath={"reassoc"})(sumsq.py_func)
-update_serial = njit(cache=True, error_model="numpy")(update.py_func)
+sumsq_serial = _serial(sumsq, fastmath={"reassoc"})
+update_serial = _serial(update, error_model="numpy")
 
 
 @njit(cache=True)
