@@ -60,14 +60,23 @@ def sumsq(table, chunk_t, chunk_lo, chunk_hi, scalars):
     tensors' element type."""
     partial = np.zeros(chunk_t.shape[0])
     inv, clip = scalars[0], scalars[1]
+    # No scaler and no value clip (the usual step): x is g exactly (g·1 = g, and the clamp to ±inf
+    # keeps every value, NaN included), so a loop without the multiply and the clamp sums the same
+    # values. With fewer instructions per cache line it keeps more loads in flight: it runs at the
+    # plain read pass's speed, where the clamping loop took ~1.5x that on one core here.
+    plain = inv == 1 and clip == np.inf
     for c in prange(chunk_t.shape[0]):
         t = chunk_t[c]
         # a zero-based slice: indices provably >= 0 let LLVM drop the wraparound check and vectorise
         g = carray(_pointer(table[t, T_GRAD], scalars), table[t, T_NUMEL])[chunk_lo[c]:chunk_hi[c]]
         acc = 0.0
-        for i in range(g.shape[0]):
-            x = min(max(g[i] * inv, -clip), clip)
-            acc += np.float64(x) * np.float64(x)
+        if plain:
+            for i in range(g.shape[0]):
+                acc += np.float64(g[i]) * np.float64(g[i])
+        else:
+            for i in range(g.shape[0]):
+                x = min(max(g[i] * inv, -clip), clip)
+                acc += np.float64(x) * np.float64(x)
         partial[c] = acc
     return partial.sum()
 
