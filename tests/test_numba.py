@@ -16,11 +16,12 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fused_lr import FusedSGD, available_backends, schedules
+from fused_lr import FusedAdamW, FusedSGD, available_backends, schedules
 from fused_lr.backends import numba as numba_backend
 
 pytestmark = pytest.mark.skipif(available_backends()["numba"] is not True, reason="numba backend unavailable")
@@ -266,3 +267,38 @@ def test_serial_twins_have_their_own_cache_entries(tmp_path):
         twin = getattr(numba_backend.K, kernel.py_func.__name__ + "_serial")
         assert twin.py_func.__qualname__ != kernel.py_func.__qualname__
         assert twin.py_func.__code__ is kernel.py_func.__code__  # one kernel source, two compilations
+
+
+# ---------------------------------------------------------------- float32 arithmetic
+def _adam_f32(p, m, v, g, t, lr, b1, b2, eps, wd):
+    """torch's AdamW formula, one unfused float32 operation at a time (scalars rounded to float32
+    first), with lerp in its two-formula form."""
+    f = np.float32
+    w1 = f(1.0 - b1)
+    p = p * f(1.0 - lr * wd)
+    m = m + w1 * (g - m) if w1 < 0.5 else g - (g - m) * (f(1) - w1)
+    v = v * f(b2) + f(1.0 - b2) * g * g
+    denom = np.sqrt(v) / f((1.0 - b2 ** t) ** 0.5) + f(eps)
+    return p + f(-(lr / (1.0 - b1 ** t))) * m / denom, m, v
+
+
+@pytest.mark.parametrize("beta1", [0.9, 0.3], ids=["lerp-low", "lerp-high"])
+def test_float32_adamw_is_float32_arithmetic(beta1):
+    """Bit for bit the float32 formula: a float64 intermediate (once the result of lerp's
+    ``1 - w`` written with an integer literal) rounds differently and stops the loop using
+    float32 vectors."""
+    lr, b2, eps, wd = 1e-3, 0.999, 1e-8, 1e-2
+    gen = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(numba_backend.CHUNK + 37, generator=gen))
+    opt = FusedAdamW([p], lr=lr, betas=(beta1, b2), eps=eps, weight_decay=wd, backend="numba")
+    want = p.detach().numpy().copy()
+    m, v = np.zeros_like(want), np.zeros_like(want)
+    for t in (1, 2, 3):
+        g = torch.randn(p.shape, generator=gen)
+        p.grad = g
+        opt.step()
+        want, m, v = _adam_f32(want, m, v, g.numpy(), t, lr, beta1, b2, eps, wd)
+    assert opt.backend == "numba"
+    np.testing.assert_array_equal(opt.state[p]["exp_avg"].numpy(), m)
+    np.testing.assert_array_equal(opt.state[p]["exp_avg_sq"].numpy(), v)
+    np.testing.assert_array_equal(p.detach().numpy(), want)
