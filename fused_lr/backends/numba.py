@@ -107,8 +107,7 @@ class NumbaBackend:
         ks = clocks.numpy()
         for rows, w in self._work_for(plan):
             table = plan.table[rows]
-            K.prepare(table, hyper, settings.schedules, ks, s, w.consts, plan.rule)
-            w.update(table, w.chunk_t, w.chunk_lo, w.chunk_hi, hyper, w.consts, plan.rule)
+            w.update(table, w.chunk_t, w.chunk_lo, w.chunk_hi, hyper, settings.schedules, ks, s, w.consts, plan.rule)
         ks += 1  # after every dtype's call read them
 
 

@@ -292,9 +292,11 @@ def _adagrad_chunk(p, g, s, cs, flags, decay):
 # error_model="numpy": a float division by zero gives inf/nan as in torch, instead of Python's
 # ZeroDivisionError check on every element (which also stops LLVM from vectorising the loop)
 @njit(parallel=True, cache=True, error_model="numpy")
-def update(table, chunk_t, chunk_lo, chunk_hi, hyper, consts, rule):
-    """The update of every chunk, then every tensor's step count + 1 (the host advances the group
-    clocks once every dtype's call has read them)."""
+def update(table, chunk_t, chunk_lo, chunk_hi, hyper, schedules_, clocks, scalars, consts, rule):
+    """:func:`prepare`'s per-tensor constants (in the same call: one dispatch less per step), the
+    update of every chunk, then every tensor's step count + 1 (the host advances the group clocks
+    once every dtype's call has read them)."""
+    prepare(table, hyper, schedules_, clocks, scalars, consts, rule)
     for c in prange(chunk_t.shape[0]):
         t = chunk_t[c]
         h = hyper[table[t, T_GROUP]]
