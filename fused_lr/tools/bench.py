@@ -39,7 +39,7 @@ from fused_lr import backends, param_groups
 from fused_lr.schedules import Cosine
 from fused_lr.tools import models
 
-MODELS = {"resnet18": models.resnet18, "resnet50": models.resnet50}
+MODELS = {"resnet18": models.resnet18, "resnet50": models.resnet50, "resnet152": models.resnet152}
 LR, MOMENTUM, WEIGHT_DECAY, MAX_GRAD_NORM = 0.1, 0.9, 5e-4, 1.0
 TOTAL_STEPS = 10_000  # the cosine period; long enough that the lr never reaches 0 in a benchmark
 TORCH_IMPLS = ("for-loop", "foreach", "fused")

@@ -88,6 +88,11 @@ def resnet50(classes: int = 1000) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], classes=classes)
 
 
+def resnet152(classes: int = 1000) -> ResNet:
+    """60 M parameters: a step's working set outgrows even a several-hundred-MiB last-level cache."""
+    return ResNet(Bottleneck, [3, 8, 36, 3], classes=classes)
+
+
 def digits_resnet(classes: int = 10) -> ResNet:
     """A small ResNet for 1x8x8 images: 3x3 stem, two stages of two basic blocks."""
     return ResNet(BasicBlock, [2, 2], widths=(16, 32), in_channels=1, classes=classes, imagenet_stem=False)
