@@ -179,8 +179,9 @@ def _commons(cs, flags):
 # PREFETCH_BYTES: Adam's square root and two divisions per element fill the reorder buffer with
 # long-latency work, so too few of its loads are in flight for the hardware prefetchers to reach
 # the bandwidth of a plain streaming pass (4-8 % short of it on 8 M float32 elements with both
-# cores here; at it with these hints). SGD's loop gains 3-4 % on ResNet-50 with them; the norm's
-# read-only loop lost as much (measured interleaved here), so it has none.
+# cores here; at it with these hints). SGD's loop gains 3-4 % on ResNet-50 with them. The norm's
+# read-only loop has none: timed alone, hints (4-16 KiB ahead) made it 10-20 % faster, but whole
+# steps got 5-8 % slower with them (ResNet-50 and ResNet-152, `fused-lr bench`).
 PREFETCH_BYTES, BLOCK = 4096, 64
 
 
