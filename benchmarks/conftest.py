@@ -20,7 +20,7 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="module")
 def steps(model, optimizer):
-    """Every contender's step function for ``model`` plus the two streaming passes."""
+    """Every contender's step function for ``model`` plus the streaming bound."""
     fns = bench.contenders(model, bench.cpu_backends(), optimizer)
     numel = sum(p.numel() for g in bench.parameter_groups(model) for p in g["params"])
     fns.update(bench.stream_steps(numel, optimizer))

@@ -7,7 +7,8 @@ momentum 0.9, and a cosine schedule. torch does it as ``clip_grad_norm_`` + ``SG
 ``FusedSGD.step()``. In the same run a plain streaming pass moves the bytes the step must move
 (the gradients once for the norm, then param, grad, buffer in and param, buffer out), which
 gives the machine's bound for the step. Contenders are timed interleaved, one step each per
-round, so a change in machine load hits all of them alike.
+round, so a change in machine load hits all of them alike, and each from cold caches (a read
+pass over twice the last-level cache runs untimed before every timed step).
 
 A shared 2-core machine distorts such timings badly (torch's and Numba's OpenMP workers spin at
 barriers when another process holds a core), so every run also measures its own disturbance:
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fused_lr import backends, param_groups
@@ -103,28 +105,60 @@ def contenders(model: str, fused_backends: list[str], optimizer: str = "sgd") ->
     return out
 
 
-STREAM_PASSES = ("stream read g", "stream update")
+STREAM = "streaming bound"
 
 
 def stream_steps(numel: int, optimizer: str = "sgd") -> dict[str, Callable[[], None]]:
-    """The two plain passes that move a clipped step's bytes over ``numel`` fp32 elements: the
-    gradients once (the norm), then what the optimizer's update reads and writes."""
+    """The streaming bound as one call: the two plain passes that move a clipped step's bytes over
+    ``numel`` fp32 elements, back to back as the fused step makes its two: the gradients once (the
+    norm), then what the optimizer's update reads and writes. One call, so the update pass may
+    find in the cache what the read pass left there exactly as the fused step's update may."""
     from fused_lr.kernels import numba_stream
 
     update = getattr(numba_stream, OPTIMIZERS[optimizer][4])
     arrays = [torch.rand(numel).numpy() for _ in range(4)]
-    return {STREAM_PASSES[0]: lambda: numba_stream.read_pass(arrays[1]),
-            STREAM_PASSES[1]: lambda: update(*arrays[: update.py_func.__code__.co_argcount])}
+    update_args = arrays[: update.py_func.__code__.co_argcount]
+
+    def both():
+        numba_stream.read_pass(arrays[1])
+        update(*update_args)
+
+    return {STREAM: both}
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], repeat: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds per call of each function, one call of each per round."""
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache this machine reports (Linux sysfs), or 64 MiB when it reports none."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=64 << 20)
+
+
+def cache_evictor() -> Callable[[], None]:
+    """A read pass over twice the last-level cache: run before each timed step, so that every
+    contender starts from cold caches, as an optimizer step does after a forward and backward,
+    whatever contender ran before it (on a machine whose cache holds most of a step's working set,
+    the previous contender's leftovers would otherwise decide several percent)."""
+    from fused_lr.kernels import numba_stream
+
+    buf = np.ones(2 * last_level_cache_bytes() // 8)
+    return lambda: numba_stream.read_pass(buf)
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], repeat: int, warmup: int = 3,
+                     before: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each function, one call of each per round (``before`` runs untimed
+    ahead of each call)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -137,8 +171,8 @@ class ModelResult:
     tensors: int
     numel: int
     bytes_moved: int  # by one clipped step at the minimum: the norm pass + the update's fp32 passes
-    stream_ms: float  # the streaming bound: median read pass + median update pass
-    stream_min_ms: float  # the same from the fastest pass of each (robust to load from other processes)
+    stream_ms: float  # the streaming bound: median of the read pass + update pass call
+    stream_min_ms: float  # the same from the fastest call (robust to load from other processes)
     rows: list[dict] = field(default_factory=list)
 
 
@@ -150,10 +184,11 @@ SPREAD_LIMIT, PROBE_DRIFT_LIMIT = 1.25, 0.15
 
 def probe_gbps(numel: int = 1 << 24, repeat: int = 5) -> float:
     """The update pass's bandwidth on ``numel`` fp32 elements (5 fp32 passes), best of ``repeat``."""
-    fns = stream_steps(numel)
-    update = fns[STREAM_PASSES[1]]
-    update()
-    best = min(_timed(update) for _ in range(repeat))
+    from fused_lr.kernels import numba_stream
+
+    p, g, b = (torch.rand(numel).numpy() for _ in range(3))
+    numba_stream.update_pass(p, g, b)
+    best = min(_timed(lambda: numba_stream.update_pass(p, g, b)) for _ in range(repeat))
     return 5 * 4 * numel / best / 1e9
 
 
@@ -196,12 +231,11 @@ def run_model(model: str, repeat: int, fused_backends: list[str], optimizer: str
     numel = sum(p.numel() for p in params)
     fns = contenders(model, fused_backends, optimizer)
     fns.update(stream_steps(numel, optimizer))
-    times = time_interleaved(fns, repeat)
+    times = time_interleaved(fns, repeat, before=cache_evictor())
     med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
     low = {name: min(ts) * 1e3 for name, ts in times.items()}
     passes = 1 + OPTIMIZERS[optimizer][3]
-    result = ModelResult(model, len(params), numel, passes * 4 * numel, sum(med.pop(p) for p in STREAM_PASSES),
-                         sum(low.pop(p) for p in STREAM_PASSES))
+    result = ModelResult(model, len(params), numel, passes * 4 * numel, med.pop(STREAM), low.pop(STREAM))
     for name, ms in med.items():
         result.rows.append(dict(name=name, median_ms=ms, min_ms=low[name], speedup=med[BASELINE] / ms,
                                 speedup_min=low[BASELINE] / low[name], stream_fraction=result.stream_ms / ms,
