@@ -233,18 +233,8 @@ def summarise(result: dict) -> dict:
     return out
 
 
-def last_level_cache() -> int | None:
-    """Bytes of the largest CPU cache /sys lists (None where there is no such listing)."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip()
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        sizes.append(int(text.rstrip("KMG")) * scale)
-    return max(sizes, default=None)
-
-
 def report(results: list[dict], cfg: dict, load: tuple[float, float]) -> tuple[list[str], bool, list[str]]:
-    from fused_lr.tools.bench import disturbance, verdict
+    from fused_lr.tools.bench import disturbance, last_level_cache_bytes, verdict
 
     lines, ratios, spreads = [], [], {}
     for res in results:
@@ -272,7 +262,7 @@ def report(results: list[dict], cfg: dict, load: tuple[float, float]) -> tuple[l
     met = ratios[worst] <= LIMIT
     lines.append(f"verdict: the FSDP2 numba step is {'within' if met else 'NOT within'} 10% of the unsharded step of "
                  f"the shard's size on every rank (worst: rank {worst}, {ratios[worst]:.3f} by medians)")
-    cache = last_level_cache()
+    cache = last_level_cache_bytes()
     # between two steps of one contender every contender steps once on every rank
     touched = sum(r["step_bytes"] for r in results) * len({n.removesuffix(" clip") for n in results[0]["times_ms"]})
     if cache is not None and touched < 2 * cache:

@@ -126,14 +126,14 @@ def stream_steps(numel: int, optimizer: str = "sgd") -> dict[str, Callable[[], N
     return {STREAM: both}
 
 
-def last_level_cache_bytes() -> int:
-    """The largest CPU cache this machine reports (Linux sysfs), or 64 MiB when it reports none."""
+def last_level_cache_bytes() -> int | None:
+    """Bytes of the largest CPU cache this machine lists in Linux sysfs (None where it lists none)."""
     sizes = []
     for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         text = f.read_text().strip()
         scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
         sizes.append(int(text.rstrip("KMG")) * scale)
-    return max(sizes, default=64 << 20)
+    return max(sizes, default=None)
 
 
 def cache_evictor() -> Callable[[], None]:
@@ -143,7 +143,7 @@ def cache_evictor() -> Callable[[], None]:
     the previous contender's leftovers would otherwise decide several percent)."""
     from fused_lr.kernels import numba_stream
 
-    buf = np.ones(2 * last_level_cache_bytes() // 8)
+    buf = np.ones(2 * (last_level_cache_bytes() or 64 << 20) // 8)  # 64 MiB where none is listed
     return lambda: numba_stream.read_pass(buf)
 
 
