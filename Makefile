@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-$(BIN)/fused-lr: pyproject.toml setup.py constraints-cpu.txt CMakeLists.txt $(wildcard csrc/*.cu csrc/*.h csrc/*.cpp)
+$(BIN)/fused-lr: pyproject.toml setup.py constraints-cpu.txt CMakeLists.txt fused_lr/core/layout.py $(wildcard csrc/*.cu csrc/*.h csrc/*.cpp)
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints-cpu.txt -e ".[demo,test]"
 	touch $@

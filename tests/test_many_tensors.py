@@ -10,9 +10,10 @@ Tolerances. Backends run the reference's operations element by element; what dif
 order of the norm's reduction (the clip coefficient moves by an ulp) and fused multiply-adds.
 After three steps that is a few ulps of the parameters: float64 rtol 1e-12 (ulp 2.2e-16),
 float32 rtol 1e-5 (ulp 1.2e-7); atol covers elements that pass near zero. The norm is one
-reduction: float64 1e-13 relative; float32 1e-4, because torch's own CPU float32 vector_norm
-(the reference) is off by up to ~n ulp on these sizes (measured 2.9e-5 relative against float64
-on 65537 clipped values, where a pairwise sum is within 1e-7).
+reduction: float64 2e-13 relative; float32 1e-4, because torch's own CPU vector_norm (the
+reference) is off by up to ~n ulp on these sizes: float32 measured 2.9e-5 relative against float64
+on 65537 clipped values, where a pairwise sum is within 1e-7; float64 8.6e-14 against an exact
+math.fsum on the same values, where the Numba kernel is within 2.4e-14.
 """
 
 import pytest
@@ -31,7 +32,7 @@ SIZES = {
 }
 STEPS = 3
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(rtol=1e-5, atol=1e-6)}
-NORM_RTOL = {torch.float64: 1e-13, torch.float32: 1e-4}
+NORM_RTOL = {torch.float64: 2e-13, torch.float32: 1e-4}
 AMP_SCALE = 1024.0
 
 

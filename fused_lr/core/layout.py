@@ -44,7 +44,7 @@ SCHEDULE_KINDS = _columns("CONST", "STEP", "EXP", "LINEAR", "POLY", "COSINE", "C
 SIZES = {
     "MAX_SEGMENTS": 16,   # rows of a schedule table
     "SEGMENT_COLS": 8,    # [start, kind, p0..p5]
-    "NUMBA_CHUNK": 1 << 16,  # elements per Numba work item: overhead vanishes, dozens per core on ResNets
+    "NUMBA_CHUNK": 1 << 17,  # elements per Numba work item: overhead vanishes, dozens per core on ResNets
     "TRITON_BLOCK": 1024,    # elements per Triton block (8 per thread at 4 warps)
     "TRITON_CHUNK": 4096,    # elements per Triton program
     "CUDA_BLOCK": 512,       # threads per CUDA block
