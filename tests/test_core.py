@@ -7,6 +7,7 @@ summed in another order (docs/step.md, "Numerics")."""
 
 import copy
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +164,66 @@ def test_schedule_clock_is_the_groups(backend, device):
         sched.step()
     assert opt.current_lr() == pytest.approx(sched.get_last_lr(), rel=1e-15)
     assert max_rel_diff(model, twin) <= 1e-12
+
+
+def _huge_page_eligible(address: int) -> bool | None:
+    """Whether the mapping holding ``address`` may get transparent huge pages (smaps' THPeligible;
+    None where this system does not say)."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "THPeligible:":
+            return line.split()[1] == "1"
+    return None
+
+
+def test_new_state_is_one_block_per_dtype_laid_out_like_each_parameter():
+    """State a step creates is carved from one block per dtype (fused_lr/core/arena.py): each tensor
+    of its parameter's dtype, shape and strides (channels_last included), on its own cache line,
+    starting at the rule's initial value; a checkpoint of it saves the state once, and a step after
+    loading it continues exactly."""
+    from fused_lr import FusedAdagrad
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(600, 1000)), torch.nn.Parameter(torch.randn(3)),
+              torch.nn.Parameter(torch.randn(8, 3, 5, 5).to(memory_format=torch.channels_last)),
+              torch.nn.Parameter(torch.randn(7, dtype=torch.float64))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = FusedAdagrad(params, lr=0.1, initial_accumulator_value=0.25, backend="reference")
+    opt.step()
+    sums = [opt.state[p]["sum"] for p in params]
+    for p, s in zip(params, sums, strict=True):
+        assert (s.dtype, s.shape, s.stride()) == (p.dtype, p.shape, p.stride())
+        assert s.data_ptr() % 64 == 0
+        torch.testing.assert_close(s, torch.full_like(p, 0.25).addcmul_(p.grad, p.grad), rtol=0, atol=0)
+    storage = {s.dtype: set() for s in sums}
+    for s in sums:
+        storage[s.dtype].add(s.untyped_storage().data_ptr())
+    assert {dtype: len(ptrs) for dtype, ptrs in storage.items()} == {torch.float32: 1, torch.float64: 1}
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.is_file() and "[never]" not in thp.read_text():
+        assert _huge_page_eligible(sums[0].data_ptr()) is not False  # the 2.4 MB block asked for huge pages
+
+    import io
+
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    state_bytes = sum(s.numel() * s.element_size() for s in sums)
+    assert buf.tell() < state_bytes + 64 * len(sums) + 16384  # the block once, not once per view
+    buf.seek(0)
+    twins = [torch.nn.Parameter(p.detach().clone(memory_format=torch.preserve_format)) for p in params]
+    other = FusedAdagrad(twins, lr=0.1, initial_accumulator_value=0.25, backend="reference")
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    for p, q in zip(params, twins, strict=True):
+        q.grad = p.grad.clone()
+    opt.step()
+    other.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twins, strict=True))

@@ -28,6 +28,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from fused_lr import backends
 from fused_lr.core import layout as L
+from fused_lr.core.arena import states_like
 from fused_lr.core.hyper import Hyper, clip_problem, flag, lr_problem, real
 from fused_lr.core.plan import Plan, Settings, StepScalars, addressable_problem
 from fused_lr.schedules import Constant, Schedule
@@ -133,9 +134,9 @@ class FusedOptimizer(Optimizer):
         """The per-parameter state tensors the rule keeps for this group (at most MAX_STATES)."""
         raise NotImplementedError
 
-    def init_state(self, name: str, param: torch.Tensor, group: dict) -> torch.Tensor:
-        """A new state tensor (zeros laid out like the parameter unless the rule says otherwise)."""
-        return torch.zeros_like(param, memory_format=torch.preserve_format)
+    def initial_state(self, name: str, group: dict) -> float:
+        """The value every element of a new state tensor starts at."""
+        return 0.0
 
     def rule_row(self, group: dict) -> tuple[int, tuple[float, ...]]:
         """The rule's flag bits and its RULE_COLS hyper columns for the kernels."""
@@ -469,9 +470,10 @@ class FusedOptimizer(Optimizer):
         return Plan.build(devices.pop(), self.rule, rows)
 
     def _bind(self, plan: Plan, params: list) -> None:
-        """Create missing state (only once every check of the step passed) and lay every state
-        tensor out like its parameter; then hand the addresses to the plan."""
-        states, steps = [], []
+        """Create missing state (only once every check of the step passed: views of one block,
+        fused_lr/core/arena.py) and lay every state tensor out like its parameter; then hand the
+        addresses to the plan."""
+        states, steps, new = [], [], []  # new: (row, name, DTensor parameter or None) of missing state
         for row, pos in enumerate(plan.positions):
             p, view = params[pos], plan.params[row]
             group = self.param_groups[self._group_index[pos]]
@@ -490,22 +492,30 @@ class FusedOptimizer(Optimizer):
                     raise RuntimeError(f"{self._name(pos)}: its {name!r} state is a plain tensor, but the parameter "
                                        f"is a DTensor; load sharded checkpoints with torch.distributed.checkpoint")
                 if t is None:
-                    local = self.init_state(name, view, group)
+                    new.append((row, name, p if sharded else None))
                     if self.new_state_restarts_step:
                         step.zero_()
-                elif type(local) not in _PLAIN or local.dtype != view.dtype or local.device != view.device \
+                    sts[name] = None  # filled below, keeping the declaration order
+                    continue
+                if type(local) not in _PLAIN or local.dtype != view.dtype or local.device != view.device \
                         or local.stride() != view.stride():
                     # a checkpoint loaded into another dtype or layout: state of the parameter's kind
                     # (torch.optim.Optimizer.load_state_dict casts it likewise); never a raw read
                     # through the wrong type
                     local = torch.empty_like(view).copy_(local)
-                else:
-                    sts[name] = local
-                    continue
-                st[name] = _as_dtensor(local, p) if sharded else local
+                    st[name] = _as_dtensor(local, p) if sharded else local
                 sts[name] = local
             states.append(sts)
             steps.append(step)
+        if new:
+            likes = [plan.params[row] for row, _, _ in new]
+            fills = [self.initial_state(name, self.param_groups[plan.group_of[row]]) for row, name, _ in new]
+            made = states_like(likes, fills) if plan.problem is None else \
+                [torch.full_like(t, v, memory_format=torch.preserve_format) for t, v in zip(likes, fills, strict=True)]
+            for (row, name, dtensor), local in zip(new, made, strict=True):
+                states[row][name] = local
+                st = self.state[params[plan.positions[row]]]
+                st[name] = local if dtensor is None else _as_dtensor(local, dtensor)
         plan.bind(states, steps)
 
     # ---------------------------------------------------------------- stepping

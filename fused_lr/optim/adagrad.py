@@ -41,8 +41,8 @@ class FusedAdagrad(FusedOptimizer):
     def state_names(self, group: dict) -> tuple[str, ...]:
         return ("sum",)
 
-    def init_state(self, name: str, param: torch.Tensor, group: dict) -> torch.Tensor:
-        return torch.full_like(param, group["initial_accumulator_value"], memory_format=torch.preserve_format)
+    def initial_state(self, name: str, group: dict) -> float:
+        return group["initial_accumulator_value"]
 
     def rule_row(self, group: dict) -> tuple[int, tuple[float, ...]]:
         return 0, (group["lr_decay"], group["eps"])
