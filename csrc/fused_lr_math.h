@@ -686,7 +686,7 @@ FLR_HD double norm_block(const NormArgs& a, int64_t block, int64_t chunk, int ti
   const Range r = block_range(a.table, a.blocks, block, chunk);
   const int64_t* row = a.table + r.row * L::TENSOR_COLS;
   const auto c = norm_common<typename MathOf<T>::type>(a.grad_scale, a.has_clip_value, a.clip_value);
-  return norm_thread(reinterpret_cast<const T*>(row[L::T_GRAD]), r.begin, r.end, row[L::T_ALIGNED] != 0, tid,
+  return norm_thread(reinterpret_cast<const T*>(row[L::T_GRAD]), r.begin, r.end, (row[L::T_GRAD] & 15) == 0, tid,
                      threads, c);
 }
 
@@ -718,7 +718,8 @@ FLR_HD void update_block(const UpdateArgs& a, int64_t block, int64_t chunk, int 
   x.p = reinterpret_cast<T*>(row[L::T_PARAM]);
   x.g = reinterpret_cast<const T*>(row[L::T_GRAD]);
   for (int j = 0; j < L::MAX_STATES; ++j) x.s[j] = reinterpret_cast<T*>(row[L::T_STATE0 + j]);
-  const bool aligned = row[L::T_ALIGNED] != 0;
+  // T_ALIGNED covers the parameter and state; the gradient's address moves every step
+  const bool aligned = row[L::T_ALIGNED] != 0 && (row[L::T_GRAD] & 15) == 0;
   const int64_t b = r.begin, e = r.end;
   if constexpr (RULE == L::RULE_ADAM) {
     const AdamCoefs<M> c = adam_coefs<M>(k);

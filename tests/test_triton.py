@@ -120,6 +120,25 @@ def test_tables_follow_moved_tensors():
 
 
 @needs_interpreter
+def test_a_gradient_at_an_unaligned_address_gets_a_scalar_span():
+    """The plan's ALIGNED column covers parameter and state; the backend adds each gradient's own
+    address, so a gradient 4 bytes past a 16-byte boundary moves its row to an unaligned span
+    (vector loads there would be misaligned on a GPU), and back once it is aligned again."""
+    ref = [torch.randn(n, requires_grad=True) for n in (40, 1000)]
+    got = clone_params(ref)
+    opts = [make_opt(ref, "reference"), make_opt(got, "triton")]
+    for step, offset in enumerate((0, 1, 0)):
+        for params, opt in zip((ref, got), opts, strict=True):
+            for i, p in enumerate(params):
+                base = torch.full((p.numel() + 4,), 0.01 * (step + 1))
+                p.grad = base[offset:offset + p.numel()] if i == 0 else base[:p.numel()].clone()
+            opt.step()
+        assert [span[3] for span in opts[1]._backend._tables.spans] == ([True] if offset == 0 else [True, False])
+        for r, g in zip(ref, got, strict=True):
+            torch.testing.assert_close(g, r, **TOL[torch.float32])
+
+
+@needs_interpreter
 def test_strided_params_and_grads():
     """A transposed parameter with a contiguous gradient has no common flat layout: the backend
     works on contiguous copies and writes the results back."""

@@ -28,10 +28,13 @@ _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 class _Work:
-    """The chunk list of one dtype bucket and its per-tensor constants' scratch."""
+    """The chunk list of one dtype bucket (its rows ``table`` of the plan's tensor table) and its
+    per-tensor constants' scratch."""
 
-    def __init__(self, numel: np.ndarray, np_dtype):
+    def __init__(self, table: np.ndarray, np_dtype):
+        self.table = table
         self.np_dtype = np_dtype
+        numel = table[:, L.T_NUMEL]
         per = (numel + CHUNK - 1) // CHUNK
         chunk_t = np.repeat(np.arange(len(numel), dtype=np.int64), per)
         first = np.repeat(np.cumsum(per) - per, per)
@@ -44,6 +47,8 @@ class _Work:
         order = by_size[np.argsort(np.arange(len(by_size)) * _GOLDEN % 1.0, kind="stable")]
         self.chunk_t, self.chunk_lo, self.chunk_hi = chunk_t[order], chunk_lo[order], chunk_hi[order]
         self.consts = np.zeros((len(numel), K.CONST_COLS), dtype=np_dtype)
+        self.norm_key = (1.0, math.inf)  # sumsq's [1/grad_scale, clip value], held in norm_scalars
+        self.norm_scalars = np.array(self.norm_key, dtype=np_dtype)
         small = int(numel.sum()) < SERIAL_BELOW
         self.sumsq = K.sumsq_serial if small else K.sumsq
         self.update = K.update_serial if small else K.update
@@ -55,17 +60,18 @@ class NumbaBackend:
 
     def __init__(self):
         self._plan: Plan | None = None
-        self._work: list[tuple[slice, _Work]] = []
+        self._work: list[_Work] = []
         self.rebuilds = 0  # work lists built: once per plan (the cache's observable behaviour)
+        self._norm: tuple[torch.Tensor | None, float] = (None, 0.0)  # the last norm returned, and its value
+        self._clocks: tuple[torch.Tensor | None, np.ndarray | None] = (None, None)  # clocks and their numpy view
 
     def unsupported(self, plan: Plan) -> str | None:
         bad = [b.dtype for b in plan.buckets if b.dtype not in _DTYPES]
         return f"dtype {bad[0]} (the Numba kernels take float32 and float64)" if bad else None
 
-    def _work_for(self, plan: Plan) -> list[tuple[slice, _Work]]:
+    def _work_for(self, plan: Plan) -> list[_Work]:
         if plan is not self._plan:
-            self._work = [(slice(b.start, b.stop), _Work(plan.table[b.start:b.stop, L.T_NUMEL], _DTYPES[b.dtype]))
-                          for b in plan.buckets]
+            self._work = [_Work(plan.table[b.start:b.stop], _DTYPES[b.dtype]) for b in plan.buckets]
             self._plan = plan
             self.rebuilds += 1
         return self._work
@@ -78,25 +84,32 @@ class NumbaBackend:
         return float(np.float32(1.0 / float(scalars.grad_scale)))
 
     def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars) -> torch.Tensor:
-        clip = math.inf if settings.clip_value is None else settings.clip_value
+        wide = (self._inv_scale(scalars), math.inf if settings.clip_value is None else settings.clip_value)
         total = 0.0
-        for rows, w in self._work_for(plan):
-            s = np.array([self._inv_scale(scalars), clip], dtype=w.np_dtype)
-            total += w.sumsq(plan.table[rows], w.chunk_t, w.chunk_lo, w.chunk_hi, s)
-        # from_numpy: a quarter of torch.tensor's cost for a 0-dim result
-        return torch.from_numpy(np.array(math.sqrt(total), dtype=_DTYPES[plan.norm_dtype]))
+        for w in self._work_for(plan):
+            if w.norm_key != wide:
+                w.norm_scalars[:] = w.norm_key = wide
+            total += w.sumsq(w.table, w.chunk_t, w.chunk_lo, w.chunk_hi, w.norm_scalars)
+        norm = np.array(math.sqrt(total), dtype=_DTYPES[plan.norm_dtype])
+        out = torch.from_numpy(norm)  # a quarter of torch.tensor's cost for a 0-dim result
+        self._norm = (out, float(norm))
+        return out
 
     def update(self, plan: Plan, settings: Settings, clocks: torch.Tensor, scalars: StepScalars,
                norm: torch.Tensor | None) -> None:
         if scalars.found_inf is not None and float(scalars.found_inf) != 0:
             return
         coef = rate = 1.0
-        if norm is not None and settings.max_grad_norm is not None:
-            # in the norm's dtype, as clip_grad_norm_ computes it
-            nt = np.float64 if norm.dtype == torch.float64 else np.float32
-            coef = float(min(nt(1.0), nt(settings.max_grad_norm) / (nt(float(norm)) + nt(L.NORM_EPS))))
-        if settings.lr_norm_power != 0:
-            rate = (float(norm) + settings.lr_norm_eps) ** -settings.lr_norm_power
+        if norm is not None:
+            # the value grad_norm returned, without reading the tensor back (it may be another one:
+            # under process_group the all-reduced norm)
+            value = self._norm[1] if norm is self._norm[0] else float(norm)
+            if settings.max_grad_norm is not None:
+                # in the norm's dtype, as clip_grad_norm_ computes it
+                nt = np.float64 if norm.dtype == torch.float64 else np.float32
+                coef = float(min(nt(1.0), nt(settings.max_grad_norm) / (nt(value) + nt(L.NORM_EPS))))
+            if settings.lr_norm_power != 0:
+                rate = (value + settings.lr_norm_eps) ** -settings.lr_norm_power
         clip = math.inf if settings.clip_value is None else settings.clip_value
         s = np.array([self._inv_scale(scalars), clip, coef, rate])
         hyper = settings.hyper
@@ -104,10 +117,11 @@ class NumbaBackend:
             hyper = hyper.copy()
             for gi, lr in settings.lr_tensors.items():
                 hyper[gi, L.H_LR] *= float(lr)
-        ks = clocks.numpy()
-        for rows, w in self._work_for(plan):
-            table = plan.table[rows]
-            w.update(table, w.chunk_t, w.chunk_lo, w.chunk_hi, hyper, settings.schedules, ks, s, w.consts, plan.rule)
+        if clocks is not self._clocks[0]:
+            self._clocks = (clocks, clocks.numpy())  # the same memory: the kernels' += 1 lands in the tensor
+        ks = self._clocks[1]
+        for w in self._work_for(plan):
+            w.update(w.table, w.chunk_t, w.chunk_lo, w.chunk_hi, hyper, settings.schedules, ks, s, w.consts, plan.rule)
         ks += 1  # after every dtype's call read them
 
 

@@ -56,6 +56,14 @@ def _upload(array: np.ndarray, device: torch.device, into: torch.Tensor | None =
     return host.to(device, non_blocking=True)
 
 
+def _aligned_rows(plan: Plan) -> np.ndarray:
+    """Per row, whether every address, the gradient's included, is 16-byte aligned."""
+    grads = plan.table[:, L.T_GRAD]
+    aligned = plan.table[:, L.T_ALIGNED] != 0
+    # allocators hand out 16-byte aligned blocks, so the per-row test is rarely needed
+    return aligned & (grads % 16 == 0) if np.bitwise_or.reduce(grads) & 15 else aligned
+
+
 def _device(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
@@ -75,7 +83,7 @@ class _Tables:
             self.block = self.chunk = min(_INTERP_MAX_CHUNK, max(16, 1 << (max(biggest, 1) - 1).bit_length()))
         else:
             self.block, self.chunk = _BLOCK, _CHUNK
-        self.aligned = plan.table[:, L.T_ALIGNED].copy()
+        self.aligned = _aligned_rows(plan)
         chunks, self.spans = [], []
         for b in plan.buckets:
             for aligned in (True, False):
@@ -138,7 +146,7 @@ class TritonBackend:
         tab = self._tables
         # the alignment column moves only with the addresses, so only a new version can change the spans
         if tab is None or tab.plan is not plan or (tab.versions != (plan.grad_version, plan.state_version) and (
-                tab.aligned != plan.table[:, L.T_ALIGNED]).any()):
+                tab.aligned != _aligned_rows(plan)).any()):
             self.rebuilds += 1
             tab = self._tables = _Tables(plan, self._interpreted)
         elif tab.versions != (plan.grad_version, plan.state_version):

@@ -10,8 +10,8 @@ Tables a step hands its kernels:
 * tensor table, int64 ``(T, TENSOR_COLS)``, one row per tensor: the addresses of the parameter,
   its gradient, up to ``MAX_STATES`` state tensors (the rule's, in declaration order) and its
   per-parameter step count (float32), the element count, the group index, the first chunk
-  (CUDA's grid numbering, which the CUDA backend writes) and whether every address of the row is
-  16-byte aligned;
+  (CUDA's grid numbering, which the CUDA backend writes) and whether the parameter's and state
+  tensors' addresses are 16-byte aligned (a gradient's moves every step: the kernels test it);
 * hyper table, float64 ``(G, HYPER_COLS)``, one row per param group: the kernel lr (base lr x the
   schedule's host scale), weight decay, the flag bits and ``RULE_COLS`` columns the rule defines;
 * schedule tables, float64 ``(G, MAX_SEGMENTS, SEGMENT_COLS)`` (fused_lr.schedules);

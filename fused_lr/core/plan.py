@@ -90,9 +90,8 @@ class Plan:
     state_version: int = 0
     _grad_ptrs: list[int] | None = None
     # what a gradient must be to be used as is: (is_contiguous per row, [(row, strides)] of the
-    # rows whose parameter is not contiguous); and which rows are 16-byte aligned but for the gradient
+    # rows whose parameter is not contiguous)
     _expect: tuple | None = None
-    _aligned: np.ndarray | None = None
 
     @classmethod
     def build(cls, device: torch.device, rule: int, rows: list[tuple[int, int, torch.Tensor, str | None]]) -> Plan:
@@ -122,7 +121,7 @@ class Plan:
             contiguous = list(map(_IS_CONTIGUOUS, params))
             plan._expect = (contiguous,
                             [(i, p.stride()) for i, (p, c) in enumerate(zip(params, contiguous, strict=True)) if not c])
-            plan._aligned = table[:, L.T_PARAM] % 16 == 0
+            table[:, L.T_ALIGNED] = table[:, L.T_PARAM] % 16 == 0  # the state's joins it in bind()
         return plan
 
     # ------------------------------------------------------------------ per step
@@ -148,11 +147,7 @@ class Plan:
                 or any(grads[i].stride() != st for i, st in self._expect[1]):
             grads = [self._conforming(i, g, where) for i, g in enumerate(grads)]
             ptrs = list(map(_DATA_PTR, grads))
-        grad_col = self.table[:, L.T_GRAD]
-        grad_col[:] = ptrs
-        # allocators hand out 16-byte aligned blocks, so the per-row test is rarely needed
-        self.table[:, L.T_ALIGNED] = self._aligned if not np.bitwise_or.reduce(grad_col) & 15 \
-            else self._aligned & (grad_col % 16 == 0)
+        self.table[:, L.T_GRAD] = ptrs  # (the kernels test a gradient's alignment themselves)
         self._grad_ptrs = ptrs
         self.grads = grads
         self.grad_version += 1
@@ -182,8 +177,7 @@ class Plan:
                 self.table[i, L.T_STATE0:L.T_STATE0 + len(sts)] = list(map(_DATA_PTR, sts.values()))
             self.table[:, L.T_STEP] = list(map(_DATA_PTR, steps))
             state_cols = [L.T_PARAM, L.T_STATE0, L.T_STATE1, L.T_STATE2]
-            self._aligned = np.all(self.table[:, state_cols] % 16 == 0, axis=1)
-            self.table[:, L.T_ALIGNED] = self._aligned & (self.table[:, L.T_GRAD] % 16 == 0)
+            self.table[:, L.T_ALIGNED] = np.all(self.table[:, state_cols] % 16 == 0, axis=1)
         self.state_version += 1
 
     @property
