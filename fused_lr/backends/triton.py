@@ -58,10 +58,17 @@ def _upload(array: np.ndarray, device: torch.device, into: torch.Tensor | None =
 
 def _aligned_rows(plan: Plan) -> np.ndarray:
     """Per row, whether every address, the gradient's included, is 16-byte aligned."""
-    grads = plan.table[:, L.T_GRAD]
-    aligned = plan.table[:, L.T_ALIGNED] != 0
-    # allocators hand out 16-byte aligned blocks, so the per-row test is rarely needed
-    return aligned & (grads % 16 == 0) if np.bitwise_or.reduce(grads) & 15 else aligned
+    return (plan.table[:, L.T_ALIGNED] != 0) & (plan.table[:, L.T_GRAD] % 16 == 0)
+
+
+def _spans_may_move(tab, plan: Plan) -> bool:
+    """Whether this step's addresses may put a row in another span than the tables have: only
+    when the state moved, or a gradient is (or was) off a 16-byte boundary. Allocators hand out
+    16-byte aligned blocks, so a step usually settles this with one pass over the addresses."""
+    if tab.versions == (plan.grad_version, plan.state_version):
+        return False
+    misaligned = bool(np.bitwise_or.reduce(plan.table[:, L.T_GRAD]) & 15)
+    return tab.versions[1] != plan.state_version or misaligned or tab.misaligned_grads
 
 
 def _device(device: torch.device):
@@ -84,6 +91,7 @@ class _Tables:
         else:
             self.block, self.chunk = _BLOCK, _CHUNK
         self.aligned = _aligned_rows(plan)
+        self.misaligned_grads = bool(np.bitwise_or.reduce(plan.table[:, L.T_GRAD]) & 15)
         chunks, self.spans = [], []
         for b in plan.buckets:
             for aligned in (True, False):
@@ -144,8 +152,7 @@ class TritonBackend:
     # ------------------------------------------------------------------ device copies
     def _tables_for(self, plan: Plan) -> _Tables:
         tab = self._tables
-        # the alignment column moves only with the addresses, so only a new version can change the spans
-        if tab is None or tab.plan is not plan or (tab.versions != (plan.grad_version, plan.state_version) and (
+        if tab is None or tab.plan is not plan or (_spans_may_move(tab, plan) and (
                 tab.aligned != _aligned_rows(plan)).any()):
             self.rebuilds += 1
             tab = self._tables = _Tables(plan, self._interpreted)
