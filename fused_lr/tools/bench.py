@@ -112,15 +112,21 @@ def stream_steps(numel: int, optimizer: str = "sgd") -> dict[str, Callable[[], N
     """The streaming bound as one call: the two plain passes that move a clipped step's bytes over
     ``numel`` fp32 elements, back to back as the fused step makes its two: the gradients once (the
     norm), then what the optimizer's update reads and writes. One call, so the update pass may
-    find in the cache what the read pass left there exactly as the fused step's update may."""
+    find in the cache what the read pass left there exactly as the fused step's update may. The
+    parameters and gradients are plain torch allocations, as a model's are; the state arrays lie
+    where the optimizer puts new state (fused_lr/core/arena.py), so bound and step use the same
+    kind of memory."""
+    from fused_lr.core.arena import states_like
     from fused_lr.kernels import numba_stream
 
     update = getattr(numba_stream, OPTIMIZERS[optimizer][4])
-    arrays = [torch.rand(numel).numpy() for _ in range(4)]
-    update_args = arrays[: update.py_func.__code__.co_argcount]
+    p, g = torch.rand(numel), torch.rand(numel)
+    n_states = update.py_func.__code__.co_argcount - 2
+    states = [s.copy_(torch.rand(numel)) for s in states_like([p] * n_states, [0.0] * n_states)]
+    update_args = [t.numpy() for t in (p, g, *states)]
 
     def both():
-        numba_stream.read_pass(arrays[1])
+        numba_stream.read_pass(update_args[1])
         update(*update_args)
 
     return {STREAM: both}
