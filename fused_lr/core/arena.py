@@ -40,7 +40,7 @@ def states_like(likes: list[torch.Tensor], fills: list[float]) -> list[torch.Ten
     for i, t in enumerate(likes):
         by_dtype.setdefault(t.dtype, []).append(i)
     for dtype, idx in by_dtype.items():
-        size = torch.empty((), dtype=dtype).element_size()
+        size = likes[idx[0]].element_size()
         offsets, nbytes = [], 0
         for i in idx:
             offsets.append(nbytes)
