@@ -510,9 +510,7 @@ class FusedOptimizer(Optimizer):
         if new:
             likes = [plan.params[row] for row, _, _ in new]
             fills = [self.initial_state(name, self.param_groups[plan.group_of[row]]) for row, name, _ in new]
-            made = states_like(likes, fills) if plan.problem is None else \
-                [torch.full_like(t, v, memory_format=torch.preserve_format) for t, v in zip(likes, fills, strict=True)]
-            for (row, name, dtensor), local in zip(new, made, strict=True):
+            for (row, name, dtensor), local in zip(new, states_like(likes, fills), strict=True):
                 states[row][name] = local
                 st = self.state[params[plan.positions[row]]]
                 st[name] = local if dtensor is None else _as_dtensor(local, dtensor)
