@@ -470,7 +470,7 @@ class FusedOptimizer(Optimizer):
         return Plan.build(devices.pop(), self.rule, rows)
 
     def _bind(self, plan: Plan, params: list) -> None:
-        """Create missing state (only once every check of the step passed: views of one block,
+        """Create missing state (only once every check of the step passed: back to back in one mapping,
         fused_lr/core/arena.py) and lay every state tensor out like its parameter; then hand the
         addresses to the plan."""
         states, steps, new = [], [], []  # new: (row, name, DTensor parameter or None) of missing state
