@@ -10,20 +10,17 @@ can approach.
 import numpy as np
 from numba import njit, prange
 
-from fused_lr.core.layout import SIZES
-
-CHUNK = SIZES["NUMBA_CHUNK"]  # the fused kernels' work item
-
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
-def read_pass(g):
-    """Read ``g`` once (the norm pass's traffic), at its fastest here: chunk by chunk, each chunk as
-    eight slices read side by side (one sequential stream per core keeps too few loads in flight;
-    see fused_lr/kernels/numba_kernels.py)."""
+def read_pass(g, chunk):
+    """Read ``g`` once (the norm pass's traffic), at its fastest here: ``chunk`` elements at a time
+    (the fused kernels' work item, an argument so that cached machine code never holds a stale
+    size), each chunk as eight slices read side by side (one sequential stream per core keeps too
+    few loads in flight; see fused_lr/kernels/numba_kernels.py)."""
     n = g.shape[0]
-    partial = np.zeros((n + CHUNK - 1) // CHUNK)
+    partial = np.zeros((n + chunk - 1) // chunk)
     for c in prange(partial.shape[0]):
-        x = g[c * CHUNK:min(n, (c + 1) * CHUNK)]
+        x = g[c * chunk:min(n, (c + 1) * chunk)]
         q = x.shape[0] // 8
         s0, s1, s2, s3 = x[:q], x[q:2 * q], x[2 * q:3 * q], x[3 * q:4 * q]
         s4, s5, s6, s7 = x[4 * q:5 * q], x[5 * q:6 * q], x[6 * q:7 * q], x[7 * q:8 * q]

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from fused_lr import backends, param_groups
+from fused_lr.core.layout import SIZES
 from fused_lr.schedules import Cosine
 from fused_lr.tools import models
 
@@ -46,6 +47,7 @@ LR, MOMENTUM, WEIGHT_DECAY, MAX_GRAD_NORM = 0.1, 0.9, 5e-4, 1.0
 TOTAL_STEPS = 10_000  # the cosine period; long enough that the lr never reaches 0 in a benchmark
 TORCH_IMPLS = ("for-loop", "foreach", "fused")
 BASELINE = "torch fused"
+CHUNK = SIZES["NUMBA_CHUNK"]  # the plain read pass works in the fused kernels' chunks
 
 
 def parameter_groups(model: str, seed: int = 0) -> list[dict]:
@@ -126,7 +128,7 @@ def stream_steps(numel: int, optimizer: str = "sgd") -> dict[str, Callable[[], N
     update_args = [t.numpy() for t in (p, g, *states)]
 
     def both():
-        numba_stream.read_pass(update_args[1])
+        numba_stream.read_pass(update_args[1], CHUNK)
         update(*update_args)
 
     return {STREAM: both}
@@ -150,7 +152,7 @@ def cache_evictor() -> Callable[[], None]:
     from fused_lr.kernels import numba_stream
 
     buf = np.ones(2 * (last_level_cache_bytes() or 64 << 20) // 8)  # 64 MiB where none is listed
-    return lambda: numba_stream.read_pass(buf)
+    return lambda: numba_stream.read_pass(buf, CHUNK)
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], repeat: int, warmup: int = 3,
