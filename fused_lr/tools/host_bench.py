@@ -6,8 +6,9 @@ is the host work of a step: torch ``SGD(fused=True)`` + ``clip_grad_norm_(foreac
 0.9, weight decay on conv/linear weights, a cosine schedule), with new gradient tensors every step
 as ``zero_grad(set_to_none=True)`` gives them. The GPU backends cannot launch here, so their
 kernels are replaced by no-ops: their figure is the Python they add per step. Contenders are
-timed interleaved: per round, a burst of steps each, the first timed cold (the others' steps have
-evicted its data, as a training step's forward and backward do), the rest warm.
+timed interleaved: per round, in a shuffled order, a burst of steps each, the first timed cold
+(the others' steps have evicted its data, as a training step's forward and backward do), the rest
+warm.
 
 ``fused-lr bench --host`` runs it (see :func:`main` in fused_lr/tools/bench.py).
 """
@@ -15,6 +16,7 @@ evicted its data, as a training step's forward and backward do), the rest warm.
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 import types
@@ -136,7 +138,9 @@ def contenders() -> dict[str, Contender]:
 def run(repeat: int = 300, warmup: int = 20, burst: int = 4) -> list[dict]:
     """Per round, each contender takes ``burst`` steps in a row. The first is timed "cold": the
     other contenders ran since its last step and evicted its data from the caches, as a forward
-    and backward do in training. The others are timed "warm", back to back."""
+    and backward do in training. The others are timed "warm", back to back. The order of the
+    contenders is shuffled every round (seeded): a cold step's cost depends on who ran just before
+    it (the stubbed CUDA step took ~125 us right after the numba steps, ~110 us after Triton's)."""
     fns = contenders()
     for new_grads, step in fns.values():
         for _ in range(warmup):
@@ -144,8 +148,13 @@ def run(repeat: int = 300, warmup: int = 20, burst: int = 4) -> list[dict]:
             step()
     cold = {name: [] for name in fns}
     warm = {name: [] for name in fns}
+    order, shuffle = list(fns), random.Random(0).shuffle
     for _ in range(repeat):
-        for name, (new_grads, step) in fns.items():
+        last = order[-1]
+        while order[0] == last:  # a contender that ran last must not open the next round (a warm "cold" step)
+            shuffle(order)
+        for name in order:
+            new_grads, step = fns[name]
             for i in range(burst):
                 new_grads()
                 t0 = time.perf_counter()
