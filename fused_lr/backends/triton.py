@@ -61,14 +61,18 @@ def _aligned_rows(plan: Plan) -> np.ndarray:
     return (plan.table[:, L.T_ALIGNED] != 0) & (plan.table[:, L.T_GRAD] % 16 == 0)
 
 
+def _misaligned_grads(plan: Plan) -> bool:
+    """Whether any gradient is off a 16-byte boundary (one pass over the addresses)."""
+    return bool(np.bitwise_or.reduce(plan.table[:, L.T_GRAD]) & 15)
+
+
 def _spans_may_move(tab, plan: Plan) -> bool:
     """Whether this step's addresses may put a row in another span than the tables have: only
     when the state moved, or a gradient is (or was) off a 16-byte boundary. Allocators hand out
     16-byte aligned blocks, so a step usually settles this with one pass over the addresses."""
     if tab.versions == (plan.grad_version, plan.state_version):
         return False
-    misaligned = bool(np.bitwise_or.reduce(plan.table[:, L.T_GRAD]) & 15)
-    return tab.versions[1] != plan.state_version or misaligned or tab.misaligned_grads
+    return tab.versions[1] != plan.state_version or tab.misaligned_grads or _misaligned_grads(plan)
 
 
 def _device(device: torch.device):
@@ -91,7 +95,7 @@ class _Tables:
         else:
             self.block, self.chunk = _BLOCK, _CHUNK
         self.aligned = _aligned_rows(plan)
-        self.misaligned_grads = bool(np.bitwise_or.reduce(plan.table[:, L.T_GRAD]) & 15)
+        self.misaligned_grads = _misaligned_grads(plan)
         chunks, self.spans = [], []
         for b in plan.buckets:
             for aligned in (True, False):

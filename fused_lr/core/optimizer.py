@@ -473,7 +473,7 @@ class FusedOptimizer(Optimizer):
         """Create missing state (only once every check of the step passed: back to back in one mapping,
         fused_lr/core/arena.py) and lay every state tensor out like its parameter; then hand the
         addresses to the plan."""
-        states, steps, new = [], [], []  # new: (row, name, DTensor parameter or None) of missing state
+        states, steps, new = [], [], []  # new: (row, name, group, state dict, DTensor or None) of missing state
         for row, pos in enumerate(plan.positions):
             p, view = params[pos], plan.params[row]
             group = self.param_groups[self._group_index[pos]]
@@ -492,7 +492,7 @@ class FusedOptimizer(Optimizer):
                     raise RuntimeError(f"{self._name(pos)}: its {name!r} state is a plain tensor, but the parameter "
                                        f"is a DTensor; load sharded checkpoints with torch.distributed.checkpoint")
                 if t is None:
-                    new.append((row, name, p if sharded else None))
+                    new.append((row, name, group, st, p if sharded else None))
                     if self.new_state_restarts_step:
                         step.zero_()
                     sts[name] = None  # filled below, keeping the declaration order
@@ -508,11 +508,9 @@ class FusedOptimizer(Optimizer):
             states.append(sts)
             steps.append(step)
         if new:
-            likes = [plan.params[row] for row, _, _ in new]
-            fills = [self.initial_state(name, self.param_groups[plan.group_of[row]]) for row, name, _ in new]
-            for (row, name, dtensor), local in zip(new, states_like(likes, fills), strict=True):
+            made = states_like([plan.params[n[0]] for n in new], [self.initial_state(n[1], n[2]) for n in new])
+            for (row, name, _, st, dtensor), local in zip(new, made, strict=True):
                 states[row][name] = local
-                st = self.state[params[plan.positions[row]]]
                 st[name] = local if dtensor is None else _as_dtensor(local, dtensor)
         plan.bind(states, steps)
 

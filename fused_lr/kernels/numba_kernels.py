@@ -84,6 +84,14 @@ eval_table = njit(cache=True)(schedules.eval_table)
 
 
 @njit(inline="always")
+def eight_slices(x):
+    """``x`` cut into eight equal slices, read side by side by the caller, and the tail after them."""
+    q = x.shape[0] // 8
+    return (x[:q], x[q:2 * q], x[2 * q:3 * q], x[3 * q:4 * q], x[4 * q:5 * q], x[5 * q:6 * q], x[6 * q:7 * q],
+            x[7 * q:8 * q], x[8 * q:])
+
+
+@njit(inline="always")
 def _sq(x, inv, clip, plain):
     """One processed gradient element, squared in float64."""
     if not plain:
@@ -94,16 +102,13 @@ def _sq(x, inv, clip, plain):
 @njit(inline="always", fastmath={"reassoc", "contract"})
 def _sumsq_chunk(g, inv, clip, plain):
     """Sum of squares of one chunk, its eight slices read side by side, then the tail."""
-    q = g.shape[0] // 8
-    s0, s1, s2, s3 = g[:q], g[q:2 * q], g[2 * q:3 * q], g[3 * q:4 * q]
-    s4, s5, s6, s7 = g[4 * q:5 * q], g[5 * q:6 * q], g[6 * q:7 * q], g[7 * q:8 * q]
+    s0, s1, s2, s3, s4, s5, s6, s7, tail = eight_slices(g)
     acc = 0.0
-    for i in range(q):
+    for i in range(s0.shape[0]):
         acc += ((_sq(s0[i], inv, clip, plain) + _sq(s1[i], inv, clip, plain))
                 + (_sq(s2[i], inv, clip, plain) + _sq(s3[i], inv, clip, plain))) \
             + ((_sq(s4[i], inv, clip, plain) + _sq(s5[i], inv, clip, plain))
                + (_sq(s6[i], inv, clip, plain) + _sq(s7[i], inv, clip, plain)))
-    tail = g[8 * q:]
     for i in range(tail.shape[0]):
         acc += _sq(tail[i], inv, clip, plain)
     return acc

@@ -10,6 +10,8 @@ can approach.
 import numpy as np
 from numba import njit, prange
 
+from fused_lr.kernels.numba_kernels import eight_slices
+
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
 def read_pass(g, chunk):
@@ -20,15 +22,12 @@ def read_pass(g, chunk):
     n = g.shape[0]
     partial = np.zeros((n + chunk - 1) // chunk)
     for c in prange(partial.shape[0]):
-        x = g[c * chunk:min(n, (c + 1) * chunk)]
-        q = x.shape[0] // 8
-        s0, s1, s2, s3 = x[:q], x[q:2 * q], x[2 * q:3 * q], x[3 * q:4 * q]
-        s4, s5, s6, s7 = x[4 * q:5 * q], x[5 * q:6 * q], x[6 * q:7 * q], x[7 * q:8 * q]
+        s0, s1, s2, s3, s4, s5, s6, s7, tail = eight_slices(g[c * chunk:min(n, (c + 1) * chunk)])
         acc = 0.0
-        for i in range(q):
+        for i in range(s0.shape[0]):
             acc += ((s0[i] + s1[i]) + (s2[i] + s3[i])) + ((s4[i] + s5[i]) + (s6[i] + s7[i]))
-        for i in range(8 * q, x.shape[0]):
-            acc += x[i]
+        for i in range(tail.shape[0]):
+            acc += tail[i]
         partial[c] = acc
     return partial.sum()
 
