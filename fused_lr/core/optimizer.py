@@ -14,6 +14,7 @@ and the hyper-parameter rows that changed, and launches the backend.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import os
 import sys
@@ -28,6 +29,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from fused_lr import backends
 from fused_lr.core import layout as L
+from fused_lr.core import meta
 from fused_lr.core.arena import states_like
 from fused_lr.core.hyper import Hyper, clip_problem, flag, lr_problem, real
 from fused_lr.core.plan import Plan, Settings, StepScalars, addressable_problem
@@ -94,6 +96,19 @@ def _same(a: tuple, b: tuple | None) -> bool:
         return False
     return all(map(operator.is_, a, b)) or all(
         x is y or (type(x) is not torch.Tensor and type(y) is not torch.Tensor and x == y) for x, y in zip(a, b))
+
+
+def _scalar_count(v) -> bool:
+    """Whether ``v`` can be a step count: a real number, or a real tensor of one element."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _describe(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return f"a {type(v).__name__} ({v!r:.40})"
 
 
 @functools.cache
@@ -211,9 +226,9 @@ class FusedOptimizer(Optimizer):
         for i, p in enumerate(tensors):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{where}: parameter {i} is a {type(p).__name__}, not a tensor")
-            if not p.is_floating_point():
-                raise TypeError(f"{where}: parameter {i} has dtype {p.dtype}; {name} updates floating-point "
-                                f"parameters only")
+            if not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(f"{where}: parameter {i} has dtype {p.dtype}; {name} updates floating-point and "
+                                f"complex parameters only")
             if id(p) in seen:
                 raise ValueError(f"{where}: parameter {i} (shape {tuple(p.shape)}) is given twice; each parameter "
                                  f"may appear once across all groups")
@@ -230,7 +245,7 @@ class FusedOptimizer(Optimizer):
     def _reset_caches(self) -> None:
         self._plans: dict = {}
         self._mesh_group = None
-        self._signature = None  # (group param lists, parameter addresses) the plans were built for
+        self._structure: bytes | None = None  # the fingerprint the plans were built under (core/meta.py)
         self._settings: Settings | None = None
         self._group_keys: list = []
         self._backend = None
@@ -248,8 +263,12 @@ class FusedOptimizer(Optimizer):
 
     def __setstate__(self, state):
         config = state.pop("fused_config", None)
+        if config is None and "param_groups" in self.__dict__:
+            # torch's load_state_dict hands over the new state and groups here, its last step before
+            # committing them: every check runs first, so a rejected checkpoint changes nothing
+            config = {"clocks": self._adopt(state["state"], state["param_groups"])}
         super().__setstate__(state)
-        if config is not None:  # a copy or an unpickled optimizer (load_state_dict passes none)
+        if config is not None:  # a copy, an unpickled optimizer or a loaded checkpoint
             clocks = config.pop("clocks")
             self.__dict__.update(config)
             self._clocks = clocks
@@ -277,23 +296,41 @@ class FusedOptimizer(Optimizer):
                     del sd["state"][i]
         return sd
 
-    def load_state_dict(self, state_dict):
-        schedules = [g["schedule"] for g in self.param_groups]
-        super().load_state_dict(state_dict)
+    def _adopt(self, state: dict, groups: list[dict]) -> torch.Tensor:
+        """Check a checkpoint that torch's ``load_state_dict`` has mapped onto our parameters (``state``
+        and ``groups`` are its new objects, not yet ours) and complete it in place: our schedules, step
+        counts as float32 tensors, the groups' clocks (returned). Raises naming the first problem."""
+        name = type(self).__name__
         clocks = []
-        for gi, (group, schedule) in enumerate(zip(self.param_groups, schedules, strict=True)):
-            group["schedule"] = schedule
+        for gi, (group, old) in enumerate(zip(groups, self.param_groups, strict=True)):
+            where = f"{name}.load_state_dict: param group {gi}"
+            schedule = group["schedule"] = old["schedule"]
             saved = group.pop("schedule_step", None)
+            if saved is not None and not (_scalar_count(saved) and math.isfinite(float(saved)) and float(saved) >= 0):
+                raise ValueError(f"{where}: schedule_step is {_describe(saved)}, not a step count")
             if schedule is not None and "initial_lr" in group:
                 # a checkpoint of a torch lr_scheduler run: its "lr" is the scheduled value, the base
                 # lr our schedule multiplies is its "initial_lr"
                 group["lr"] = group["initial_lr"]
+            self._check_group({**self.defaults, **group}, where)
+            names = self.state_names({**self.defaults, **group})
             steps = []
-            for p in group["params"]:
-                st = self.state.get(p)
-                if not st:
+            for i, p in enumerate(group["params"]):
+                st = state.get(p)
+                if st is None:
                     continue
-                if "step" not in st and any(isinstance(v, torch.Tensor) and v is not None for v in st.values()):
+                if not isinstance(st, dict):
+                    raise ValueError(f"{where}, parameter {i}: its state is {_describe(st)}, not a dict")
+                for key in names:
+                    t = st.get(key)
+                    if t is not None and not (isinstance(t, torch.Tensor) and t.shape == p.shape):
+                        raise ValueError(f"{where}, parameter {i}: its {key!r} state is {_describe(t)}, but the "
+                                         f"parameter has shape {tuple(p.shape)}")
+                if "step" in st:
+                    k = st["step"]
+                    if not (_scalar_count(k) and math.isfinite(float(k)) and float(k) >= 0):
+                        raise ValueError(f"{where}, parameter {i}: its 'step' is {_describe(k)}, not a step count")
+                elif any(isinstance(v, torch.Tensor) for v in st.values()):
                     # a torch optimizer's checkpoint without step counts (torch.optim.SGD): state exists,
                     # so at least one step was taken
                     st["step"] = torch.ones(())
@@ -305,12 +342,11 @@ class FusedOptimizer(Optimizer):
             else:  # an older checkpoint, or torch's: the group's most advanced parameter
                 clocks.append(max((float(s) for s in steps), default=0.0))
                 if steps and schedule is not None and not schedule.is_constant:
-                    warnings.warn(f"{type(self).__name__}.load_state_dict: the checkpoint has no schedule clock "
-                                  f"for param group {gi}; the schedule resumes at k={clocks[-1]:.0f}, the most "
-                                  f"steps any of its parameters took", stacklevel=2)
-        device = self._device()
-        self._clocks = torch.tensor(clocks, dtype=torch.float32, device=device or "cpu")
-        self._reset_caches()
+                    warnings.warn(f"{name}.load_state_dict: the checkpoint has no schedule clock for param group "
+                                  f"{gi}; the schedule resumes at k={clocks[-1]:.0f}, the most steps any of its "
+                                  f"parameters took", stacklevel=_caller_stacklevel())
+        device = next((p.device for g in groups for p in g["params"]), None)
+        return torch.tensor(clocks, dtype=torch.float32, device=device or "cpu")
 
     def _fill_group_defaults(self) -> None:
         """Groups of an older pickle or a torch checkpoint get the defaults of the hyper-parameters
@@ -320,12 +356,6 @@ class FusedOptimizer(Optimizer):
                 group.setdefault(h, self.defaults[h])
 
     # ---------------------------------------------------------------- per-step preparation
-    def _device(self) -> torch.device | None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                return p.device
-        return None
-
     def _clock_tensor(self, device: torch.device) -> torch.Tensor:
         """The groups' clocks (float32, one per group) on the parameters' device."""
         n = len(self.param_groups)
@@ -342,7 +372,7 @@ class FusedOptimizer(Optimizer):
         """The kernels' hyper rows, refreshing (and validating) only the groups whose values changed."""
         groups = self.param_groups
         settings = self._settings
-        if settings is None or len(settings.groups) != len(groups):
+        if settings is None or settings.groups is not groups or len(settings.groups) != len(groups):
             self._fill_group_defaults()
             g = len(groups)
             settings = self._settings = Settings(
@@ -395,55 +425,85 @@ class FusedOptimizer(Optimizer):
         settings.schedules[gi] = sched.table()
 
     def _current_plan(self) -> tuple[Plan | None, list]:
-        """The plan for this step's set of gradients, rebuilt only when the structure changed."""
+        """The plan for this step's set of gradients. Trusted only when the fingerprint of every
+        parameter and state entry (fused_lr/core/meta.py) is the one it was built under; any change
+        the user made goes through the full checks and a new plan."""
         groups = self.param_groups
-        params = self._flat_params(groups)
-        views = params if self._plain else [self._view(p) for p in params]
-        if self._plain or self._mesh_group is not None:
-            try:
-                addresses = list(map(_DATA_PTR, views))
-            except RuntimeError:
-                addresses = None
-            if addresses != self._signature[1]:
-                self._signature = (self._signature[0], addresses)
+        sig = meta.structure([g["params"] for g in groups], self.state, self._structure)
+        if sig is not None:
+            self._restructure(groups)
+            self._structure = sig
+        params = self._flat
+        if self._mesh_group is not None:  # FSDP2: the local shards may move under the same DTensors
+            views = [self._view(p) for p in params]
+            if (vsig := meta.structure([views], {}, self._views_sig)) is not None:
+                self._views, self._views_sig = views, vsig
                 self._plans.clear()
-        grads = list(map(_GRAD, params))
-        if self._mesh_group is not None:  # FSDP2: the kernels work on each rank's local shards
-            grads = [g if g is None or type(g) is torch.Tensor else g._local_tensor for g in grads]
-        try:  # every parameter has a gradient with storage: the common case, in one C-level pass
-            ptrs = list(map(_DATA_PTR, grads))
-            mask = None
-        except (TypeError, RuntimeError):
-            ptrs = None
-            absent = list(map(_IS_NONE, grads))  # identity tests: list.count(None) would call Tensor.__eq__
-            if all(absent):
-                return None, params
-            mask = tuple(absent) if any(absent) else None
+        ptrs = None
+        if self._direct:  # the kernels address the parameters themselves: one bulk read checks every gradient
+            grads, ptrs = meta.grads(params)
+        else:
+            grads = [g if g is None else self._grad_view(g) for g in map(_GRAD, params)]
+        absent = list(map(_IS_NONE, grads))  # identity tests: list.count(None) would call Tensor.__eq__
+        if all(absent):
+            return None, params
+        mask = tuple(absent) if any(absent) else None
         plan = self._plans.get(mask)
         if plan is None:
-            plan = self._plans[mask] = self._build_plan(params, views, grads)
-        if plan.in_order and mask is None:  # the rows are the parameters, as they stand
-            plan.set_grads(grads, self._where(plan), ptrs)
-        elif plan.positions:
-            pick = operator.itemgetter(*plan.positions)(grads)
-            plan.set_grads([pick] if len(plan.positions) == 1 else list(pick), self._where(plan))
+            plan = self._plans[mask] = self._build_plan(grads)
+        if not plan.in_order or len(plan.positions) != len(grads):
+            pick = plan.positions
+            grads = [grads[i] for i in pick]
+            ptrs = None if ptrs is None else [ptrs[i] for i in pick]
+        plan.set_grads(grads, self._where(plan), ptrs)
         return plan, params
 
-    def _flat_params(self, groups) -> list:
-        sig = [(id(g["params"]), len(g["params"])) for g in groups]
-        if self._signature is None or self._signature[0] != sig:
-            self._flat = [p for g in groups for p in g["params"]]
-            self._group_index = [gi for gi, g in enumerate(groups) for _ in g["params"]]
-            self._index_in_group = [i for g in groups for i in range(len(g["params"]))]
-            self._plain = all(type(p) in _PLAIN for p in self._flat)
-            self._mesh_group = None if self._plain else _shard_group(self._flat)
-            self._signature = (sig, None)
-            self._plans.clear()
-        return self._flat
+    def _restructure(self, groups) -> None:
+        """What the user may have changed since the last step, checked in full before anything is
+        used: every parameter of every group (edited lists included), then the flat row order the
+        plans index. Raises naming the parameter; nothing changes before."""
+        name = type(self).__name__
+        seen, devices = set(), set()
+        for gi, group in enumerate(groups):
+            for i, p in enumerate(group["params"]):
+                where = f"param group {gi}, parameter {i}"
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(f"{where} is a {type(p).__name__}, not a tensor")
+                if not (p.is_floating_point() or p.is_complex()):
+                    raise TypeError(f"{where} has dtype {p.dtype}; {name} updates floating-point and complex "
+                                    f"parameters only")
+                if id(p) in seen:
+                    raise ValueError(f"{where} (shape {tuple(p.shape)}) is listed twice; each parameter may "
+                                     f"appear once across all groups")
+                seen.add(id(p))
+                devices.add(p.device)
+        if len(devices) > 1:
+            raise RuntimeError(f"{name} fuses all parameters into one launch, so they must share one device; got "
+                               f"{sorted(map(str, devices))}")
+        flat = [p for g in groups for p in g["params"]]
+        self._complex = any(p.is_complex() for p in flat)
+        plain = all(type(p) in _PLAIN for p in flat)
+        self._flat = flat
+        self._group_index = [gi for gi, g in enumerate(groups) for _ in g["params"]]
+        self._index_in_group = [i for g in groups for i in range(len(g["params"]))]
+        self._mesh_group = None if plain else _shard_group(flat)
+        self._direct = plain and not self._complex
+        self._views = flat if self._direct else [self._view(p) for p in flat]
+        self._views_sig = None
+        self._plans.clear()
 
     def _view(self, p: torch.Tensor) -> torch.Tensor:
-        """What the step addresses for ``p``: a sharded DTensor's local shard, else ``p`` itself."""
-        return p._local_tensor if self._mesh_group is not None and type(p) not in _PLAIN else p
+        """What the step addresses for ``p``: a sharded DTensor's local shard, else ``p`` itself; a
+        complex tensor as its real view (torch's optimizers step complex parameters as
+        ``view_as_real``)."""
+        if self._mesh_group is not None and type(p) not in _PLAIN:
+            p = p._local_tensor
+        return torch.view_as_real(p) if p.is_complex() else p
+
+    def _grad_view(self, g: torch.Tensor) -> torch.Tensor:
+        if self._mesh_group is not None and type(g) not in _PLAIN:
+            g = g._local_tensor
+        return torch.view_as_real(g) if g.is_complex() and g.layout == torch.strided else g
 
     def _name(self, pos: int) -> str:
         return f"param group {self._group_index[pos]}, parameter {self._index_in_group[pos]}"
@@ -451,9 +511,12 @@ class FusedOptimizer(Optimizer):
     def _where(self, plan: Plan):
         return lambda row: self._name(plan.positions[row])
 
-    def _build_plan(self, params: list, views: list, grads: list) -> Plan:
+    def _build_plan(self, grads: list) -> Plan:
+        if self._complex and self.clip_value is not None:
+            raise RuntimeError(f"{type(self).__name__}: clip_value does not apply to complex parameters (torch's "
+                               f"clip_grad_value_ refuses them); use max_grad_norm")
         rows = []
-        for pos, (v, g) in enumerate(zip(views, grads, strict=True)):
+        for pos, (v, g) in enumerate(zip(self._views, grads, strict=True)):
             if g is None:
                 continue
             if g.is_sparse:
@@ -470,48 +533,69 @@ class FusedOptimizer(Optimizer):
         return Plan.build(devices.pop(), self.rule, rows)
 
     def _bind(self, plan: Plan, params: list) -> None:
-        """Create missing state (only once every check of the step passed: back to back in one mapping,
-        fused_lr/core/arena.py) and lay every state tensor out like its parameter; then hand the
-        addresses to the plan."""
-        states, steps, new = [], [], []  # new: (row, name, group, state dict, DTensor or None) of missing state
+        """Check every row's state against its parameter (raising, naming both, before anything
+        changes), then create the missing state (back to back in one mapping, fused_lr/core/arena.py),
+        lay the rest out like its parameter, and hand the addresses to the plan."""
+        rows = []  # (row, pos, the parameter as stepped, its state dict or None, [(name, state or None)])
         for row, pos in enumerate(plan.positions):
-            p, view = params[pos], plan.params[row]
-            group = self.param_groups[self._group_index[pos]]
+            p = params[pos]
+            sharded = self._mesh_group is not None and type(p) not in _PLAIN
+            base = p._local_tensor if sharded else p  # what the state is laid out like (complex stays complex)
+            st = self.state.get(p)
+            step = None if st is None else st.get("step")
+            if step is not None and not _scalar_count(step):
+                raise RuntimeError(f"{self._name(pos)}: its 'step' state is {_describe(step)}, not a step count")
+            entries = []
+            for name in self.state_names(self.param_groups[self._group_index[pos]]):
+                t = None if st is None else st.get(name)
+                if t is not None:
+                    if not isinstance(t, torch.Tensor):
+                        raise RuntimeError(f"{self._name(pos)}: its {name!r} state is {_describe(t)}, not a tensor")
+                    if t.shape != p.shape:
+                        raise RuntimeError(f"{self._name(pos)}: its {name!r} state has shape {tuple(t.shape)} but the "
+                                           f"parameter has shape {tuple(p.shape)} (a checkpoint of another model, or "
+                                           f"the parameter was replaced?)")
+                    if sharded and type(t) in _PLAIN:
+                        raise RuntimeError(f"{self._name(pos)}: its {name!r} state is a plain tensor, but the "
+                                           f"parameter is a DTensor; load sharded checkpoints with "
+                                           f"torch.distributed.checkpoint")
+                entries.append((name, t))
+            rows.append((row, p, base, sharded, entries))
+        # every check passed: from here on nothing raises
+        states, steps, new = [], [], []  # new: (row, name, group, state dict, parameter, its base) of missing state
+        for row, p, base, sharded, entries in rows:
+            group = self.param_groups[self._group_index[plan.positions[row]]]
             st = self.state[p]
             step = st.get("step")
-            if not isinstance(step, torch.Tensor) or step.dtype != torch.float32 or step.device != view.device \
+            if not isinstance(step, torch.Tensor) or step.dtype != torch.float32 or step.device != base.device \
                     or step.dim() != 0:
                 st["step"] = step = torch.as_tensor(0.0 if step is None else float(step), dtype=torch.float32).to(
-                    view.device)
+                    base.device)
             sts = {}
-            sharded = view is not p  # a DTensor's state is a DTensor of the same placements (FSDP2, DCP)
-            for name in self.state_names(group):
-                t = st.get(name)
-                local = t._local_tensor if sharded and t is not None and type(t) not in _PLAIN else t
-                if sharded and t is not None and local is t:
-                    raise RuntimeError(f"{self._name(pos)}: its {name!r} state is a plain tensor, but the parameter "
-                                       f"is a DTensor; load sharded checkpoints with torch.distributed.checkpoint")
+            for name, t in entries:
                 if t is None:
-                    new.append((row, name, group, st, p if sharded else None))
+                    new.append((row, name, group, st, p if sharded else None, base))
                     if self.new_state_restarts_step:
                         step.zero_()
                     sts[name] = None  # filled below, keeping the declaration order
                     continue
-                if type(local) not in _PLAIN or local.dtype != view.dtype or local.device != view.device \
-                        or local.stride() != view.stride():
+                local = t._local_tensor if sharded else t
+                if type(local) not in _PLAIN or local.dtype != base.dtype or local.device != base.device \
+                        or local.stride() != base.stride():
                     # a checkpoint loaded into another dtype or layout: state of the parameter's kind
                     # (torch.optim.Optimizer.load_state_dict casts it likewise); never a raw read
                     # through the wrong type
-                    local = torch.empty_like(view).copy_(local)
+                    local = torch.empty_like(base).copy_(local)
                     st[name] = _as_dtensor(local, p) if sharded else local
-                sts[name] = local
+                sts[name] = torch.view_as_real(local) if local.is_complex() else local
             states.append(sts)
             steps.append(step)
         if new:
             made = states_like([plan.params[n[0]] for n in new], [self.initial_state(n[1], n[2]) for n in new])
-            for (row, name, _, st, dtensor), local in zip(new, made, strict=True):
+            for (row, name, _, st, dtensor, base), local in zip(new, made, strict=True):
                 states[row][name] = local
-                st[name] = local if dtensor is None else _as_dtensor(local, dtensor)
+                kept = torch.view_as_complex(local) if base.is_complex() else local
+                st[name] = kept if dtensor is None else _as_dtensor(kept, dtensor)
         plan.bind(states, steps)
 
     # ---------------------------------------------------------------- stepping
@@ -600,6 +684,8 @@ class FusedOptimizer(Optimizer):
                     f"changed. Pass error_if_nonfinite=False to skip this check.")
         if not plan.bound:
             self._bind(plan, params)
+            # the state the plans now hold is part of what the next step checks
+            self._structure = meta.structure([g["params"] for g in self.param_groups], self.state)
         clocks = self._clock_tensor(plan.device)
         runner.update(plan, settings, clocks, scalars, norm)
         self._ran = runner.name
@@ -612,7 +698,8 @@ class FusedOptimizer(Optimizer):
             return
         device = params[0].device
         if needs_norm and self._norm_group is not None:
-            dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+            wide = any(p.dtype in (torch.float64, torch.complex128) for p in params)
+            dtype = torch.float64 if wide else torch.float32
             self._global_norm(torch.zeros((), dtype=dtype, device=device))
         clocks = self._clock_tensor(device)
         if scalars.found_inf is None:

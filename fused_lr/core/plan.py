@@ -26,12 +26,13 @@ from fused_lr.core import layout as L
 
 _DATA_PTR = torch.Tensor.data_ptr
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-_IS_CONTIGUOUS = torch.Tensor.is_contiguous
 
 
 def dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: element i of the flat walk is at ``data_ptr + i`` in some order of
     dimensions, so a kernel may treat the tensor as a flat array."""
+    if t.numel() == 0:  # nothing to walk, whatever the strides say
+        return True
     expected = 1
     for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n != 1):
         if stride != expected:
@@ -89,9 +90,6 @@ class Plan:
     grad_version: int = 0
     state_version: int = 0
     _grad_ptrs: list[int] | None = None
-    # what a gradient must be to be used as is: (is_contiguous per row, [(row, strides)] of the
-    # rows whose parameter is not contiguous)
-    _expect: tuple | None = None
 
     @classmethod
     def build(cls, device: torch.device, rule: int, rows: list[tuple[int, int, torch.Tensor, str | None]]) -> Plan:
@@ -118,39 +116,27 @@ class Plan:
                    group_of=table[:, L.T_GROUP].copy(), buckets=buckets, table=table, problem=problem,
                    norm_dtype=norm_dtype)
         if problem is None:
-            contiguous = list(map(_IS_CONTIGUOUS, params))
-            plan._expect = (contiguous,
-                            [(i, p.stride()) for i, (p, c) in enumerate(zip(params, contiguous, strict=True)) if not c])
             table[:, L.T_ALIGNED] = table[:, L.T_PARAM] % 16 == 0  # the state's joins it in bind()
         return plan
 
     # ------------------------------------------------------------------ per step
     def set_grads(self, grads: list[torch.Tensor], where, ptrs: list[int] | None = None) -> None:
-        """This step's gradients (row order; ``ptrs`` their addresses when the caller has them).
-        New addresses are written into the table in place; a gradient that is not laid out like its
-        parameter is checked (``where(row)`` names it in errors) and staged into a copy that is."""
+        """This step's gradients (row order). ``ptrs``: their addresses, given only when every
+        gradient was checked to be laid out exactly like its parameter this step (core/meta.py's
+        ``grads``); without them each gradient is checked here (``where(row)`` names it in errors)
+        and one laid out otherwise is staged into a copy that matches. Addresses that moved are
+        written into the table in place."""
         if self.problem is not None:
             self.grads = grads
             return
         if ptrs is None:
-            try:
-                ptrs = list(map(_DATA_PTR, grads))
-            except RuntimeError:  # no storage: a sparse or wrapper-subclass gradient, named below
-                ptrs = None
-        if ptrs is not None and ptrs == self._grad_ptrs:
-            self.grads = grads
-            return
-        # torch's grad setter already holds a gradient to its parameter's dtype, device and shape,
-        # and a gradient without plain storage has no address (data_ptr raised above); what is left
-        # to check is the layout, in C-level maps: a non-dense gradient must never be walked flat
-        if ptrs is None or self._grad_ptrs is None or list(map(_IS_CONTIGUOUS, grads)) != self._expect[0] \
-                or any(grads[i].stride() != st for i, st in self._expect[1]):
             grads = [self._conforming(i, g, where) for i, g in enumerate(grads)]
             ptrs = list(map(_DATA_PTR, grads))
-        self.table[:, L.T_GRAD] = ptrs  # (the kernels test a gradient's alignment themselves)
-        self._grad_ptrs = ptrs
+        if ptrs != self._grad_ptrs:
+            self.table[:, L.T_GRAD] = ptrs  # (the kernels test a gradient's alignment themselves)
+            self._grad_ptrs = ptrs
+            self.grad_version += 1
         self.grads = grads
-        self.grad_version += 1
 
     def _conforming(self, i: int, g: torch.Tensor, where) -> torch.Tensor:
         p = self.params[i]
@@ -163,7 +149,7 @@ class Plan:
         if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
             raise RuntimeError(f"{where(i)}: its gradient ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match "
                                f"the parameter ({p.dtype}, {tuple(p.shape)}, {p.device})")
-        if g.stride() == p.stride():
+        if g.stride() == p.stride():  # the parameter's strides: as dense as it is
             return g
         return torch.empty_like(p).copy_(g)  # the parameter's layout: a correct, slower path
 
