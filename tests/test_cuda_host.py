@@ -377,6 +377,53 @@ def test_grad_norm_matches_reference(host):
         assert math.isclose(got, w, rel_tol=1e-13 if dtype == torch.float64 else 1e-5), (dtype, got, w)
 
 
+def test_clip_coef_keeps_a_nan_norm_and_zeroes_an_inf_one(host):
+    """clip_coef against clip_grad_norm_'s formula (fused_lr.backends.reference.clip_coef, torch ops)
+    in the norm's dtype, bit for bit (the same two correctly rounded operations): a NaN norm gives
+    NaN, as torch.clamp keeps it (fminf(1, nan) would give 1: a full unclipped step); an inf norm
+    gives 0; a zero norm, one under and one over max_norm, and one past float32's range."""
+    from fused_lr.backends.reference import clip_coef
+
+    norms = [math.nan, math.inf, 0.0, 0.1, 2.5, 1e30, 1e300]
+    lines, want = [], []
+    for dtype in (torch.float64, torch.float32):
+        lines.append(f"coef {'f64' if dtype == torch.float64 else 'f32'} {_fmt([MAX_NORM, len(norms)])} {_fmt(norms)}")
+        want.append(torch.stack([clip_coef(torch.tensor(n, dtype=dtype), MAX_NORM) for n in norms]).double())
+    for w, got in zip(want, host(lines), strict=True):
+        got = torch.tensor(got, dtype=torch.float64)
+        assert got[0].isnan() and got[1] == 0.0 and got[2] == 1.0
+        torch.testing.assert_close(got, w, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("rule", list(L.RULES.values()), ids=list(L.RULES))
+def test_update_with_a_nonfinite_norm_matches_reference(host, rule):
+    """prepare_row and update_block handed a NaN or inf norm (clipping by it, the gradient-norm rate
+    from it, or both), against the reference backend: a NaN norm makes the clip coefficient and the
+    rate NaN, so every parameter turns NaN; an inf norm makes the coefficient 0 and the rate 0. A
+    step that found_inf skips changes nothing whatever the norm."""
+    base = dict(rule=rule, decay=(0.05, False), maximize=False, clip_value=None, grad_scale=None, clock_step=(7, 3),
+                schedule=LR_SCHEDULES[0], lr_kind="float")
+    cases = [dict(base, dtype=dtype, variant=variant, norm=norm, clip_by_norm=clip_by_norm, rate_power=power,
+                  found_inf=found, seed=i)
+             for i, (dtype, variant, norm, (clip_by_norm, power), found) in enumerate(itertools.product(
+                 [torch.float64, torch.float32], range(len(VARIANTS[rule])), [math.nan, math.inf],
+                 [(True, 0.0), (False, 0.5), (True, 0.5)], [None, 1.0]))]
+    inputs = [_tensors(c) for c in cases]
+    lines = [_update_line(c, *t) for c, t in zip(cases, inputs, strict=True)]
+    for case, (p0, g, s0), out in zip(cases, inputs, host(lines), strict=True):
+        p_ref, s_ref = _reference(case, p0, g, s0)
+        got = torch.tensor(out, dtype=torch.float64).view(N, 1 + len(s0))
+        if case["found_inf"]:
+            assert torch.equal(p_ref, p0)
+        elif math.isnan(case["norm"]):
+            assert p_ref.isnan().all()
+        else:
+            assert p_ref.isfinite().all()
+        for j, (name, want) in enumerate([("param", p_ref), *s_ref.items()]):
+            torch.testing.assert_close(got[:, j], want.double(), **TOL[case["dtype"]], equal_nan=True,
+                                       msg=lambda m, c=case, n=name: f"{n}: {m}\n{c}")
+
+
 # ---------------------------------------------------------------------------- blocks
 @pytest.mark.parametrize("chunk", [8, 1000])
 def test_blocks_cover_every_element_once(host, chunk):
@@ -609,6 +656,52 @@ def test_backend_end_to_end_with_the_kernels_block_sizes(on_twin, case):
     got = _run("twin", case, lambda dt: dt, big=True)
     assert max(p.numel() for p in got[0]) > 2 * L.SIZES["CUDA_CHUNK"]
     _assert_same_run(ref, got, steps=6)
+
+
+NONFINITE_TWIN = {
+    "sgd": (FusedSGD, dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2)),
+    "adamw-amsgrad": (FusedAdamW, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=1e-2, amsgrad=True)),
+    "rmsprop": (FusedRMSprop, dict(lr=1e-2, alpha=0.9, momentum=0.5, centered=True, weight_decay=1e-2)),
+    "adagrad": (FusedAdagrad, dict(lr=0.1, lr_decay=1e-2, weight_decay=1e-2)),
+}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("case", list(NONFINITE_TWIN))
+def test_backend_with_a_nonfinite_gradient_on_the_host_twin(on_twin, case, bad):
+    """CudaBackend (host twin) vs the reference when one gradient element is NaN or inf under
+    max_grad_norm with error_if_nonfinite=False: the norm pass carries it into N, and the step
+    multiplies every gradient by clamp(C / (N + eps), max=1), NaN for a NaN norm (every parameter
+    NaN) and 0 for an inf one (only the inf element NaN). Two steps: a clipped finite one, then
+    the bad one; float64 and float32 parameters together. Tolerances as _assert_same_run's."""
+    on_twin(chunk=8, threads=3)
+    cls, kwargs = NONFINITE_TWIN[case]
+    runs = []
+    for name in ("reference", "twin"):
+        params = [p.requires_grad_() for p in _twin_params(lambda dt: dt)]
+        opt = cls(params, backend="reference", max_grad_norm=0.5, **kwargs)
+        if name == "twin":
+            _on_cuda_backend(opt)
+        gen = torch.Generator().manual_seed(5)
+        for step in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+            if step == 1:
+                params[0].grad.view(-1)[5] = bad
+            opt.step()
+        assert opt.backend == ("cuda" if name == "twin" else "reference")
+        assert math.isnan(float(opt.last_grad_norm)) == math.isnan(bad)
+        runs.append((params, opt))
+    (ref_params, ref_opt), (got_params, got_opt) = runs
+    assert all(p.isnan().all() for p in ref_params if p.numel()) if math.isnan(bad) else \
+        int(sum(p.isnan().sum() for p in ref_params)) == 1
+    for pr, pg in zip(ref_params, got_params, strict=True):
+        tol = dict(rtol=1e-12, atol=1e-12) if pr.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pg.detach(), pr.detach(), **tol, equal_nan=True)
+        sr, sg = ref_opt.state[pr], got_opt.state[pg]
+        assert sr.keys() == sg.keys()
+        for name in sr:
+            torch.testing.assert_close(sg[name], sr[name], **tol, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ---------------------------------------------------------------------------- memory safety

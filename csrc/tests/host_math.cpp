@@ -14,6 +14,7 @@
 //                                                   states in declaration order)
 //   norm   f32|f64 has_scale scale has_clip clip n g[n]
 //                                                -> sqrt of norm_block's sum over one block
+//   coef   f32|f64 max_norm n norm[n]             -> clip_coef(norm, max_norm) in that dtype, for each
 //   blocks chunk n (numel first_chunk)[n] total row[total]
 //                                                -> (row begin end) of block_range for each block
 #include <stdio.h>
@@ -134,6 +135,14 @@ void norm(std::istream& in) {
   print(sqrt(flr::norm_block<T>(a, 0, n > 0 ? n : 1, 0, 1)));
 }
 
+// The clip coefficient in the norm's dtype N: each norm is rounded to N first, as a float32 norm is.
+template <typename N>
+void coef(std::istream& in) {
+  const double max_norm = read1(in);
+  const auto n = static_cast<size_t>(read1(in));
+  for (double x : read(in, n)) print(static_cast<double>(flr::clip_coef<N>(static_cast<N>(x), max_norm)));
+}
+
 void blocks(std::istream& in) {
   const auto chunk = static_cast<int64_t>(read1(in));
   const auto n = static_cast<int64_t>(read1(in));
@@ -164,12 +173,13 @@ int main() {
       const auto table = read(in, L::MAX_SEGMENTS * L::SEGMENT_COLS);
       const auto n = static_cast<size_t>(read1(in));
       for (double k : read(in, n)) print(flr::eval_table(table.data(), k));
-    } else if (cmd == "update" || cmd == "norm") {
+    } else if (cmd == "update" || cmd == "norm" || cmd == "coef") {
       std::string dtype;
       in >> dtype;
       const bool f64 = dtype == "f64";
       if (cmd == "update") f64 ? update<double>(in) : update<float>(in);
-      else f64 ? norm<double>(in) : norm<float>(in);
+      else if (cmd == "norm") f64 ? norm<double>(in) : norm<float>(in);
+      else f64 ? coef<double>(in) : coef<float>(in);
     } else if (cmd == "blocks") {
       blocks(in);
     } else {

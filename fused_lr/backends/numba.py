@@ -105,9 +105,12 @@ class NumbaBackend:
             # under process_group the all-reduced norm)
             value = self._norm[1] if norm is self._norm[0] else float(norm)
             if settings.max_grad_norm is not None:
-                # in the norm's dtype, as clip_grad_norm_ computes it
+                # in the norm's dtype, as clip_grad_norm_ computes it: C / x as reciprocal(x) * C
+                # (torch's scalar / tensor), then clamp(max=1), which keeps a NaN norm's NaN
+                # (Python's min(1, nan) is 1: a full unclipped step); an inf norm gives 0
                 nt = np.float64 if norm.dtype == torch.float64 else np.float32
-                coef = float(min(nt(1.0), nt(settings.max_grad_norm) / (nt(value) + nt(L.NORM_EPS))))
+                c = nt(1.0) / (nt(value) + nt(L.NORM_EPS)) * nt(settings.max_grad_norm)
+                coef = 1.0 if c > 1.0 else float(c)
             if settings.lr_norm_power != 0:
                 rate = (value + settings.lr_norm_eps) ** -settings.lr_norm_power
         clip = math.inf if settings.clip_value is None else settings.clip_value

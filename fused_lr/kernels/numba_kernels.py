@@ -279,7 +279,8 @@ def _adam_chunk(p, g, m, v, vmax, cs, flags, decay, amsgrad):
             mb[i] = mi
             vb[i] = vi
             if amsgrad:
-                vi = max(xb[i], vi)
+                xo = xb[i]
+                vi = xo if xo > vi or xo != xo else vi  # torch.maximum: NaN from either side
                 xb[i] = vi
             pb[i] = w + neg_step * mi / (np.sqrt(vi) / bc2 + eps)
 

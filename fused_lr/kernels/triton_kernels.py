@@ -441,7 +441,9 @@ def _adam(g, p, S0, S1, S2, offs, m, step_size, w1, b2, w2, bc2, eps, amsgrad, D
     _store(S1, offs, v, m, DTYPE, MASKED)
     if AMSGRAD:
         m_ams = m & amsgrad if MASKED else amsgrad
-        vmax = tl.maximum(tl.load(S2 + offs, mask=m_ams, other=0.0).to(COMPUTE), v)
+        # torch.maximum: NaN where either is (the default propagate_nan=NONE would keep the old
+        # maximum for a NaN v, as fmax does)
+        vmax = tl.maximum(tl.load(S2 + offs, mask=m_ams, other=0.0).to(COMPUTE), v, propagate_nan=tl.PropagateNan.ALL)
         tl.store(S2 + offs, vmax.to(DTYPE), mask=m_ams)
         v = tl.where(amsgrad, vmax, v)
     return p - step_size * mv / (tl.sqrt(v) / bc2 + eps)
