@@ -1,5 +1,6 @@
 """The one place backends register. Each entry names a module with a ``load()`` that returns
-the backend class or raises :class:`BackendUnavailable` saying why it cannot run here."""
+the backend class or raises :class:`BackendUnavailable` saying why it cannot run here; any other
+exception from the module's import or its ``load()`` makes the backend unavailable too."""
 
 from __future__ import annotations
 
@@ -27,17 +28,31 @@ NAMES = tuple(_MODULES)
 _AUTO = {"cuda": ("cuda", "triton", "reference"), "cpu": ("numba", "reference")}
 
 
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """``error``'s message on one line (whitespace runs collapsed), at most ``limit`` characters."""
+    text = " ".join(str(error).split()) or "(no message)"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 @cache
 def _load(name: str):
-    """The backend class, or the reason (a string) it is unavailable."""
+    """The backend class, or the reason (a one-line string) it is unavailable. A backend degrades,
+    never breaks: whatever its import or ``load()`` raises (a too-old dependency's AttributeError,
+    a compiler's RuntimeError, ...) makes it unavailable, with the exception's type and message
+    as the reason, and ``backend="auto"`` moves on to the next one."""
+    module_name = _MODULES[name]
     try:
-        module = importlib.import_module(_MODULES[name])
+        module = importlib.import_module(module_name)
     except ImportError as e:
-        return f"cannot import {_MODULES[name]}: {e}"
+        return f"cannot import {module_name}: {_one_line(e)}"
+    except Exception as e:  # anything else a broken install raises on import
+        return f"importing {module_name} failed: {type(e).__name__}: {_one_line(e)}"
     try:
         return module.load()
     except BackendUnavailable as e:
-        return str(e)
+        return _one_line(e)
+    except Exception as e:  # a too-old dependency, a failed compile, ...
+        return f"{module_name}.load() failed: {type(e).__name__}: {_one_line(e)}"
 
 
 def available_backends() -> dict[str, bool | str]:

@@ -344,12 +344,17 @@ def load():
         if _UNBUILT.is_file():
             raise BackendUnavailable(_UNBUILT.read_text().strip()) from None
         raise BackendUnavailable(f"the extension fused_lr._cuda is not built or does not load: {e}") from None
+    except Exception as e:  # a broken build: say so, do not break fused_lr
+        raise BackendUnavailable(f"the extension fused_lr._cuda does not load: {type(e).__name__}: {e}") from None
     if (stale := layout_mismatch(_cuda)) is not None:
         raise BackendUnavailable(f"fused_lr._cuda was built with another kernel layout than fused_lr/core/layout.py "
                                  f"({stale}); reinstall fused_lr to rebuild it")
     if not torch.cuda.is_available():
         raise BackendUnavailable("no CUDA device (torch.cuda.is_available() is False)")
-    count, err = _cuda.probe()
+    try:
+        count, err = _cuda.probe()
+    except Exception as e:
+        count, err = 0, f"{type(e).__name__}: {e}"
     if err or count == 0:
         raise BackendUnavailable(f"fused_lr._cuda sees no usable CUDA device: {err or 'device count 0'}")
     _ext = _cuda

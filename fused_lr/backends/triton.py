@@ -264,11 +264,29 @@ def _is_interpreted(kernels) -> bool:
 
 
 def load():
+    # The oldest triton this backend runs on (pyproject.toml's floor): triton.knobs, which this
+    # reads TRITON_INTERPRET from, first shipped in triton 3.4.0 (3.3.1 has no triton/knobs.py).
+    need = "3.4"
     try:
         import triton
     except ImportError as e:
-        raise BackendUnavailable(f"triton is not installed ({e}); pip install triton") from e
-    interpret = bool(triton.knobs.runtime.interpret)
+        raise BackendUnavailable(f"triton is not installed ({e}); pip install 'triton>={need}'") from e
+    except Exception as e:  # a broken install: say so, do not let it break fused_lr
+        raise BackendUnavailable(f"import triton failed: {type(e).__name__}: {e}") from e
+    try:
+        from triton import knobs
+        from triton.runtime.interpreter import InterpretedFunction  # noqa: F401 (the kernels' interpreter check)
+
+        interpret = bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError) as e:
+        version = str(getattr(triton, "__version__", "(version unknown)"))
+        try:
+            old = tuple(int(v) for v in version.split(".")[:2]) < tuple(int(v) for v in need.split("."))
+        except ValueError:
+            old = True
+        what = "is too old" if old else "is broken or incompatible"
+        raise BackendUnavailable(f"triton {version} {what}: fused_lr's Triton backend needs triton >= {need} "
+                                 f"with triton.knobs ({type(e).__name__}: {e}); pip install 'triton>={need}'") from e
     if not interpret and not torch.cuda.is_available():
         raise BackendUnavailable("no CUDA device, and TRITON_INTERPRET=1 is not set (with it, the Triton kernels "
                                  "run in Triton's interpreter on CPU tensors)")

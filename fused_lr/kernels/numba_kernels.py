@@ -68,8 +68,39 @@ def _prefetch(typingctx, arr, index):
     return types.void(arr, index), codegen
 
 
+# Why the kernels compile without Numba's on-disk cache in this process (None: they use it).
+NO_CACHE: str | None = None
+
+
+def cached_jit(**options):
+    """``njit(cache=True, **options)``, or ``njit(**options)`` where Numba has nowhere to cache.
+
+    Numba picks a kernel's cache directory when the decorator runs (numba/core/caching.py,
+    ``CacheImpl``): NUMBA_CACHE_DIR, then the source's ``__pycache__``, then the user-wide
+    ``~/.cache/numba`` (XDG_CACHE_HOME), each only if it can create the directory and a file in
+    it; when none can, the decorator raises ``RuntimeError: cannot cache function ...: no locator
+    available`` (a read-only install with a read-only home, as in locked-down containers). The
+    locator for a module inside a zip archive takes its directory untried, and then the first
+    compile fails instead (OSError), so that directory is tried here, at decoration. Either way
+    the kernel compiles afresh in each process instead, which changes its speed, not its numbers."""
+
+    def decorate(function):
+        global NO_CACHE
+        try:
+            kernel = njit(cache=True, **options)(function)
+            locator = getattr(getattr(getattr(kernel, "_cache", None), "_impl", None), "locator", None)
+            if locator is not None:
+                locator.ensure_cache_path()
+            return kernel
+        except (RuntimeError, OSError) as e:  # retried uncached: an error that is not the cache's recurs
+            NO_CACHE = f"{type(e).__name__}: {e}"
+        return njit(**options)(function)
+
+    return decorate
+
+
 # the Python evaluator itself, compiled: one definition of the schedule maths for host and CPU kernel
-eval_table = njit(cache=True)(schedules.eval_table)
+eval_table = cached_jit()(schedules.eval_table)
 
 
 # Loads in flight, not instructions, bound a read-only pass on one core here: one sequential
@@ -114,7 +145,7 @@ def _sumsq_chunk(g, inv, clip, plain):
     return acc
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+@cached_jit(parallel=True, fastmath={"reassoc", "contract"})
 def sumsq(table, chunk_t, chunk_lo, chunk_hi, scalars):
     """Sum of squares of the processed gradients (unscaled, value-clipped), in float64.
 
@@ -134,7 +165,7 @@ def sumsq(table, chunk_t, chunk_lo, chunk_hi, scalars):
     return partial.sum()
 
 
-@njit(cache=True, error_model="numpy")
+@cached_jit(error_model="numpy")
 def prepare(table, hyper, schedules_, clocks, scalars, consts, rule):
     """Per tensor: lr = kernel lr x schedule(group clock) x the gradient-norm rate, the rule's
     coefficients from the tensor's step count (bias corrections, Adagrad's decay), and every scalar
@@ -324,7 +355,7 @@ def _adagrad_chunk(p, g, s, cs, flags, decay):
 
 # error_model="numpy": a float division by zero gives inf/nan as in torch, instead of Python's
 # ZeroDivisionError check on every element (which also stops LLVM from vectorising the loop)
-@njit(parallel=True, cache=True, error_model="numpy")
+@cached_jit(parallel=True, error_model="numpy")
 def update(table, chunk_t, chunk_lo, chunk_hi, hyper, schedules_, clocks, scalars, consts, rule):
     """:func:`prepare`'s per-tensor constants (in the same call: one dispatch less per step), the
     update of every chunk, then every tensor's step count + 1 (the host advances the group clocks
@@ -385,7 +416,7 @@ def _serial(kernel, **options):
     f = kernel.py_func
     twin = FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
     twin.__qualname__ = f.__qualname__ + "_serial"
-    return njit(cache=True, **options)(twin)
+    return cached_jit(**options)(twin)
 
 
 # The same passes on one thread, for work too small to pay for waking the thread pool (a few
@@ -394,11 +425,13 @@ sumsq_serial = _serial(sumsq, fastmath={"reassoc", "contract"})
 update_serial = _serial(update, error_model="numpy")
 
 
-@njit(cache=True)
+@cached_jit()
 def _layout_id():
     return _LAYOUT_ID
 
 
+# Uncached (NO_CACHE), _layout_id compiles here from this layout and the test always passes; a kernel
+# without a cache flushes nothing (Numba's NullCache) and recompiles from the current source.
 if _layout_id() != _LAYOUT_ID:  # machine code cached against another layout: compile afresh
     for _kernel in (_layout_id, eval_table, sumsq, prepare, update, sumsq_serial, update_serial):
         _kernel._cache.flush()

@@ -8,12 +8,12 @@ can approach.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from fused_lr.kernels.numba_kernels import eight_slices
+from fused_lr.kernels.numba_kernels import cached_jit, eight_slices
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@cached_jit(parallel=True, fastmath={"reassoc"})
 def read_pass(g, chunk):
     """Read ``g`` once (the norm pass's traffic), at its fastest here: ``chunk`` elements at a time
     (the fused kernels' work item, an argument so that cached machine code never holds a stale
@@ -32,7 +32,7 @@ def read_pass(g, chunk):
     return partial.sum()
 
 
-@njit(parallel=True, cache=True)
+@cached_jit(parallel=True)
 def update_pass(p, g, b):
     """Read p, g, b and write p, b (the update pass's traffic)."""
     for i in prange(p.shape[0]):
@@ -41,7 +41,7 @@ def update_pass(p, g, b):
         p[i] = p[i] - m
 
 
-@njit(parallel=True, cache=True)
+@cached_jit(parallel=True)
 def adam_pass(p, g, m, v):
     """Read p, g, m, v and write p, m, v (AdamW's update traffic)."""
     for i in prange(p.shape[0]):
