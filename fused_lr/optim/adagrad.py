@@ -2,7 +2,9 @@
 
 The rule (docs/step.md, "Beyond SGD"), with t the parameter's step count after this update:
 ``s <- s + g^2``, ``p <- p - lr / (1 + (t - 1) lr_decay) * g / (sqrt(s) + eps)``; the sum starts at
-``initial_accumulator_value``. Kernels: the RULE_ADAGRAD branches of fused_lr/kernels/ and csrc/.
+the constructor's ``initial_accumulator_value`` for every parameter, as torch's does (a param group's
+own value is kept in the group but not used). Kernels: the RULE_ADAGRAD branches of fused_lr/kernels/
+and csrc/.
 """
 
 from __future__ import annotations
@@ -14,15 +16,22 @@ from fused_lr.core.hyper import Hyper, real
 from fused_lr.core.optimizer import FusedOptimizer
 from fused_lr.schedules import Schedule
 
+# Checked once, in the constructor: the sum of every parameter starts at the constructor's value
+# (torch.optim.Adagrad reads self.defaults, never the group), so it is not a per-group hyper-parameter.
+_INITIAL_ACCUMULATOR = Hyper("initial_accumulator_value", 0.0, real(0.0))
+
 
 class FusedAdagrad(FusedOptimizer):
     """Adagrad with gradient clipping and an lr schedule, fused; arguments follow
-    ``torch.optim.Adagrad`` (everything after ``eps`` keyword-only)."""
+    ``torch.optim.Adagrad`` (everything after ``eps`` keyword-only).
+
+    ``initial_accumulator_value`` is the constructor's for every parameter, in every param group, as
+    in ``torch.optim.Adagrad``: a group's own ``initial_accumulator_value`` is ignored (and unchecked).
+    State is created at the first step, or by :meth:`share_memory`."""
 
     rule = L.RULE_ADAGRAD
     hypers = (
         Hyper("lr_decay", 0.0, real(0.0)),
-        Hyper("initial_accumulator_value", 0.0, real(0.0)),
         Hyper("eps", 1e-10, real(0.0, low_open=True)),
     )
 
@@ -31,6 +40,8 @@ class FusedAdagrad(FusedOptimizer):
                  max_grad_norm: float | None = None, clip_value: float | None = None,
                  error_if_nonfinite: bool = False, schedule: Schedule | None = None, lr_norm_power: float = 0.0,
                  lr_norm_eps: float = 1e-6, backend: str = "auto", process_group=None):
+        if problem := _INITIAL_ACCUMULATOR.problem(initial_accumulator_value):
+            raise ValueError(f"{type(self).__name__}: {problem}")
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize,
                         decoupled_weight_decay=False, schedule=schedule)
@@ -42,7 +53,31 @@ class FusedAdagrad(FusedOptimizer):
         return ("sum",)
 
     def initial_state(self, name: str, group: dict) -> float:
-        return group["initial_accumulator_value"]
+        return self.defaults["initial_accumulator_value"]  # not the group's: as torch.optim.Adagrad
+
+    def share_memory(self) -> None:
+        """As ``torch.optim.Adagrad.share_memory``: moves every parameter's ``sum`` to shared memory
+        (``Tensor.share_memory_``), so that processes holding this optimizer (forked, or sent
+        through ``torch.multiprocessing``) update one accumulator. State that does not exist yet is
+        created first, as torch's constructor creates it: the sum at ``initial_accumulator_value``,
+        laid out like the parameter, and a float32 0-dim ``step`` of 0. As in torch, ``step`` stays
+        per process (it is not shared). Later steps update the shared sums in place; a
+        ``load_state_dict`` or a cast of the parameters replaces them (call this again after one)."""
+        fill = self.defaults["initial_accumulator_value"]
+        moved = False
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if st.get("sum") is None:
+                    st["sum"] = torch.full_like(p, complex(fill, fill) if p.is_complex() else fill,
+                                                memory_format=torch.preserve_format)
+                    if st.get("step") is None:
+                        st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                if not st["sum"].is_shared():
+                    st["sum"].share_memory_()  # new storage, same tensor object: the kernels' addresses moved
+                    moved = True
+        if moved:
+            self._reset_caches()  # a plan holds the state's addresses: the next step binds them again
 
     def rule_row(self, group: dict) -> tuple[int, tuple[float, ...]]:
         return 0, (group["lr_decay"], group["eps"])

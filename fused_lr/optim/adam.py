@@ -3,7 +3,8 @@
 The rule (docs/step.md, "Beyond SGD"), with t the parameter's step count after this update:
 ``m <- m + (1 - b1)(g - m)``, ``v <- b2 v + (1 - b2) g^2``, with amsgrad ``vmax <- max(vmax, v)``
 used in place of v; ``p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``. Weight
-decay is L2 (added to g) for Adam and decoupled (``p <- p (1 - lr wd)``) for AdamW, as torch's.
+decay is L2 (added to g) for Adam and decoupled (``p <- p (1 - lr wd)``) for AdamW and for
+``FusedAdam(decoupled_weight_decay=True)``, as torch's.
 Kernels: the RULE_ADAM branches of fused_lr/kernels/ and csrc/.
 """
 
@@ -24,8 +25,10 @@ def _betas(value) -> bool:
 
 class FusedAdam(FusedOptimizer):
     """Adam with gradient clipping and an lr schedule, fused. Arguments follow ``torch.optim.Adam``;
-    everything after ``amsgrad`` is keyword-only. See :class:`~fused_lr.FusedSGD` for
-    ``max_grad_norm``, ``clip_value``, ``schedule``, ``lr_norm_power`` and ``process_group``."""
+    everything after ``amsgrad`` is keyword-only. ``decoupled_weight_decay=True`` makes it AdamW (with
+    Adam's default weight decay, 0), as it makes ``torch.optim.Adam`` torch's AdamW. See
+    :class:`~fused_lr.FusedSGD` for ``max_grad_norm``, ``clip_value``, ``schedule``, ``lr_norm_power``
+    and ``process_group``."""
 
     rule = L.RULE_ADAM
     hypers = (
@@ -33,16 +36,15 @@ class FusedAdam(FusedOptimizer):
         Hyper("eps", 1e-8, real(0.0, low_open=True)),
         Hyper("amsgrad", False, flag()),
     )
-    _decoupled = False
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
-                 max_grad_norm: float | None = None, clip_value: float | None = None,
-                 error_if_nonfinite: bool = False, schedule: Schedule | None = None, lr_norm_power: float = 0.0,
-                 lr_norm_eps: float = 1e-6, backend: str = "auto", process_group=None):
+                 decoupled_weight_decay: bool = False, max_grad_norm: float | None = None,
+                 clip_value: float | None = None, error_if_nonfinite: bool = False, schedule: Schedule | None = None,
+                 lr_norm_power: float = 0.0, lr_norm_eps: float = 1e-6, backend: str = "auto", process_group=None):
         betas = tuple(betas) if isinstance(betas, list) else betas
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        decoupled_weight_decay=self._decoupled, schedule=schedule)
+                        decoupled_weight_decay=decoupled_weight_decay, schedule=schedule)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, clip_value=clip_value,
                          error_if_nonfinite=error_if_nonfinite, lr_norm_power=lr_norm_power,
                          lr_norm_eps=lr_norm_eps, backend=backend, process_group=process_group)
@@ -72,13 +74,16 @@ class FusedAdam(FusedOptimizer):
 
 
 class FusedAdamW(FusedAdam):
-    """AdamW (decoupled weight decay, default 1e-2), as ``torch.optim.AdamW``; see :class:`FusedAdam`."""
-
-    _decoupled = True
+    """AdamW (decoupled weight decay, default 1e-2), as ``torch.optim.AdamW``; see :class:`FusedAdam`.
+    Like ``torch.optim.AdamW`` it takes no ``decoupled_weight_decay`` argument (its decay is always
+    decoupled; ``FusedAdam`` takes the argument)."""
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+        if "decoupled_weight_decay" in kwargs:
+            raise TypeError("FusedAdamW got an unexpected keyword argument 'decoupled_weight_decay' (as "
+                            "torch.optim.AdamW: its weight decay is always decoupled; FusedAdam takes the argument)")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True, **kwargs)
 
 
 __all__ = ["FusedAdam", "FusedAdamW"]
