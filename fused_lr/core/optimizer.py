@@ -165,9 +165,29 @@ class FusedOptimizer(Optimizer):
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
 
-    def __init__(self, params, defaults: dict[str, Any], *, max_grad_norm: float | None = None,
-                 clip_value: float | None = None, error_if_nonfinite: bool = False, lr_norm_power: float = 0.0,
-                 lr_norm_eps: float = 1e-6, backend: str = "auto", process_group=None):
+    def __init__(self, params, defaults: dict[str, Any], *, schedule: Schedule | None = None,
+                 max_grad_norm: float | None = None, clip_value: float | None = None, error_if_nonfinite: bool = False,
+                 lr_norm_power: float = 0.0, lr_norm_eps: float = 1e-6, backend: str = "auto", process_group=None):
+        """``params`` and ``defaults`` (the rule's torch arguments) as for ``torch.optim.Optimizer``.
+        The keywords every fused optimizer takes beside its torch counterpart's arguments:
+
+        - ``schedule``: a :mod:`fused_lr.schedules` schedule s(k); the lr of a step is ``lr · s(k)``
+          with k the group's clock, evaluated on the device (a group may set its own). None: the lr
+          is ``group["lr"]`` as any ``torch.optim.lr_scheduler`` leaves it.
+        - ``max_grad_norm``: clip the global gradient norm to this, as ``clip_grad_norm_`` (None: off).
+        - ``clip_value``: clamp every gradient element to ±this first, as ``clip_grad_value_`` (None: off).
+        - ``error_if_nonfinite``: raise, changing nothing, when the global norm is NaN or inf (the
+          one check that reads the device).
+        - ``lr_norm_power`` (γ) and ``lr_norm_eps`` (ε): the gradient-norm rate, every lr multiplied by
+          ``(‖g‖ + ε)^-γ`` with ‖g‖ the step's global norm (after unscaling and value clipping, before
+          the clip coefficient); 0 (the default) turns it off.
+        - ``backend``: ``"auto"``, ``"reference"``, ``"numba"``, ``"triton"`` or ``"cuda"``
+          (:func:`fused_lr.available_backends` says which run here).
+        - ``process_group``: when each rank holds only a shard of plain parameters (ZeRO style), the
+          ranks of this group all-reduce the squared norm so clipping sees the whole model; every rank
+          must then call ``step()``. None under DDP, and under FSDP2 (the DTensors' mesh is used).
+        """
+        defaults = {**defaults, "schedule": schedule}
         name = type(self).__name__
         for problem in (clip_problem("max_grad_norm", max_grad_norm), clip_problem("clip_value", clip_value),
                         *_rate_problems(lr_norm_power, lr_norm_eps)):

@@ -14,7 +14,6 @@ import torch
 from fused_lr.core import layout as L
 from fused_lr.core.hyper import Hyper, real
 from fused_lr.core.optimizer import FusedOptimizer
-from fused_lr.schedules import Schedule
 
 # Checked once, in the constructor: the sum of every parameter starts at the constructor's value
 # (torch.optim.Adagrad reads self.defaults, never the group), so it is not a per-group hyper-parameter.
@@ -36,18 +35,13 @@ class FusedAdagrad(FusedOptimizer):
     )
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
-                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, *, maximize: bool = False,
-                 max_grad_norm: float | None = None, clip_value: float | None = None,
-                 error_if_nonfinite: bool = False, schedule: Schedule | None = None, lr_norm_power: float = 0.0,
-                 lr_norm_eps: float = 1e-6, backend: str = "auto", process_group=None):
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, *, maximize: bool = False, **shared):
         if problem := _INITIAL_ACCUMULATOR.problem(initial_accumulator_value):
             raise ValueError(f"{type(self).__name__}: {problem}")
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize,
-                        decoupled_weight_decay=False, schedule=schedule)
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, clip_value=clip_value,
-                         error_if_nonfinite=error_if_nonfinite, lr_norm_power=lr_norm_power,
-                         lr_norm_eps=lr_norm_eps, backend=backend, process_group=process_group)
+                        decoupled_weight_decay=False)
+        super().__init__(params, defaults, **shared)
 
     def state_names(self, group: dict) -> tuple[str, ...]:
         return ("sum",)

@@ -15,7 +15,6 @@ import torch
 from fused_lr.core import layout as L
 from fused_lr.core.hyper import Hyper, finite_number, flag, real
 from fused_lr.core.optimizer import FusedOptimizer
-from fused_lr.schedules import Schedule
 
 
 def _betas(value) -> bool:
@@ -26,9 +25,8 @@ def _betas(value) -> bool:
 class FusedAdam(FusedOptimizer):
     """Adam with gradient clipping and an lr schedule, fused. Arguments follow ``torch.optim.Adam``;
     everything after ``amsgrad`` is keyword-only. ``decoupled_weight_decay=True`` makes it AdamW (with
-    Adam's default weight decay, 0), as it makes ``torch.optim.Adam`` torch's AdamW. See
-    :class:`~fused_lr.FusedSGD` for ``max_grad_norm``, ``clip_value``, ``schedule``, ``lr_norm_power``
-    and ``process_group``."""
+    Adam's default weight decay, 0), as it makes ``torch.optim.Adam`` torch's AdamW. The keywords
+    every fused optimizer shares: :class:`~fused_lr.core.optimizer.FusedOptimizer`."""
 
     rule = L.RULE_ADAM
     hypers = (
@@ -39,15 +37,11 @@ class FusedAdam(FusedOptimizer):
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
-                 decoupled_weight_decay: bool = False, max_grad_norm: float | None = None,
-                 clip_value: float | None = None, error_if_nonfinite: bool = False, schedule: Schedule | None = None,
-                 lr_norm_power: float = 0.0, lr_norm_eps: float = 1e-6, backend: str = "auto", process_group=None):
+                 decoupled_weight_decay: bool = False, **shared):
         betas = tuple(betas) if isinstance(betas, list) else betas
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        decoupled_weight_decay=decoupled_weight_decay, schedule=schedule)
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, clip_value=clip_value,
-                         error_if_nonfinite=error_if_nonfinite, lr_norm_power=lr_norm_power,
-                         lr_norm_eps=lr_norm_eps, backend=backend, process_group=process_group)
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, **shared)
 
     def state_names(self, group: dict) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")

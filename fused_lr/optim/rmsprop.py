@@ -13,7 +13,6 @@ import torch
 from fused_lr.core import layout as L
 from fused_lr.core.hyper import Hyper, flag, real
 from fused_lr.core.optimizer import FusedOptimizer
-from fused_lr.schedules import Schedule
 
 
 class FusedRMSprop(FusedOptimizer):
@@ -30,14 +29,10 @@ class FusedRMSprop(FusedOptimizer):
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *, maximize: bool = False,
-                 max_grad_norm: float | None = None, clip_value: float | None = None,
-                 error_if_nonfinite: bool = False, schedule: Schedule | None = None, lr_norm_power: float = 0.0,
-                 lr_norm_eps: float = 1e-6, backend: str = "auto", process_group=None):
+                 **shared):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        centered=centered, maximize=maximize, decoupled_weight_decay=False, schedule=schedule)
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, clip_value=clip_value,
-                         error_if_nonfinite=error_if_nonfinite, lr_norm_power=lr_norm_power,
-                         lr_norm_eps=lr_norm_eps, backend=backend, process_group=process_group)
+                        centered=centered, maximize=maximize, decoupled_weight_decay=False)
+        super().__init__(params, defaults, **shared)
 
     def state_names(self, group: dict) -> tuple[str, ...]:
         return ("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ()) \

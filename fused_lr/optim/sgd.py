@@ -13,7 +13,6 @@ import torch
 from fused_lr.core import layout as L
 from fused_lr.core.hyper import Hyper, flag, real
 from fused_lr.core.optimizer import FusedOptimizer
-from fused_lr.schedules import Schedule
 
 
 class FusedSGD(FusedOptimizer):
@@ -21,16 +20,9 @@ class FusedSGD(FusedOptimizer):
 
     Replaces ``clip_grad_value_`` + ``clip_grad_norm_`` + ``torch.optim.SGD`` + an lr scheduler
     with one optimizer step; the semantics are docs/step.md's and equal torch's. Positional
-    arguments follow ``torch.optim.SGD``; everything after ``nesterov`` is keyword-only.
-
-    ``lr_norm_power`` (γ) and ``lr_norm_eps`` (ε): the gradient-norm rate of the seed articles,
-    η = lr · s(k) / (‖g‖ + ε)^γ with ‖g‖ the step's global gradient norm (after unscaling and value
-    clipping, before the clip coefficient), evaluated on the device; 0 (the default) turns it off.
-
-    ``process_group``: when each rank holds only a shard of the parameters (ZeRO/FSDP style),
-    the ranks of this group all-reduce the squared gradient norm, so clipping (and
-    ``error_if_nonfinite``) sees the norm of the whole model. Every rank must then call
-    ``step()`` together. Leave it None under DDP, where every rank holds every parameter.
+    arguments follow ``torch.optim.SGD``; everything after ``nesterov`` is keyword-only, the
+    keywords every fused optimizer shares (``schedule``, ``max_grad_norm``, ...) among them: see
+    :class:`~fused_lr.core.optimizer.FusedOptimizer`.
     """
 
     rule = L.RULE_SGD
@@ -43,15 +35,10 @@ class FusedSGD(FusedOptimizer):
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, decoupled_weight_decay: bool = False,
-                 maximize: bool = False, max_grad_norm: float | None = None, clip_value: float | None = None,
-                 error_if_nonfinite: bool = False, schedule: Schedule | None = None, lr_norm_power: float = 0.0,
-                 lr_norm_eps: float = 1e-6, backend: str = "auto", process_group=None):
+                 maximize: bool = False, **shared):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-                        schedule=schedule)
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, clip_value=clip_value,
-                         error_if_nonfinite=error_if_nonfinite, lr_norm_power=lr_norm_power,
-                         lr_norm_eps=lr_norm_eps, backend=backend, process_group=process_group)
+                        nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+        super().__init__(params, defaults, **shared)
 
     def check_group(self, group: dict) -> str | None:
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
