@@ -200,8 +200,11 @@ FLR_HD_CALL void rule_coefs(int rule, const double* r, double lr, double step, d
       out[L::C_LR] = lr / (1.0 + step * r[0]);
       c[0] = r[1];
       break;
-    default:  // SGD
+    case L::RULE_SGD:
       for (int j = 0; j < L::RULE_COLS; ++j) c[j] = r[j];
+      break;
+    default:  // a rule without coefficients here: a NaN step, never another rule's (the host refuses it first)
+      out[L::C_LR] = NAN;
   }
 }
 

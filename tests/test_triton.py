@@ -319,7 +319,7 @@ _COMPILE_ALL = textwrap.dedent("""
         acc = "*fp64" if dtype == tl.float64 else "*fp32"
         for flag in (False, True):
             for rule in range(4):
-                compile(K.update_kernel, {**tables, "n_tensors": "i32", "state": "*fp64"},
+                compile(K.update_kernel, {**tables, "n_tensors": "i32", "coefs": "*fp64"},
                         dict(DTYPE=dtype, RULE=rule, HAS_CLIP=flag, HAS_CLIP_VALUE=flag, HAS_SCALE=flag,
                              MAXIMIZE=flag, COUPLED_WD=flag, DECOUPLED_WD=flag, MOMENTUM=flag, NESTEROV=flag,
                              AMSGRAD=flag, CENTERED=flag, ALIGNED=flag, ROWS=1, BLOCK=1024, CHUNK=4096))
@@ -328,7 +328,7 @@ _COMPILE_ALL = textwrap.dedent("""
                          BLOCK=1024, CHUNK=4096))
         compile(K.sqrt_sum_kernel, {"partials": acc, "n": "i32", "out": acc}, dict(BLOCK=1024))
     prepare = {"tensors": "*i64", "n_tensors": "i32", "hyper": "*fp64", "tables": "*fp64", "clocks": "*fp32",
-               "n_groups": "i32", "state": "*fp64", "scale": "*fp32", "found": "*fp32"}
+               "n_groups": "i32", "coefs": "*fp64", "scale": "*fp32", "found": "*fp32"}
     for norm in ("*fp32", "*fp64"):
         for rule in range(4):
             compile(K.prepare_kernel, {**prepare, "norm": norm},

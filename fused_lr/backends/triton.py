@@ -109,7 +109,7 @@ class _Tables:
             torch.from_numpy(plan.table)  # interpreted: the plan's own array, refreshed in place
         self.chunks = _upload(np.array(chunks, dtype=np.int64).reshape(-1, 3), plan.device)
         self.versions = (plan.grad_version, plan.state_version)
-        self.scratch = torch.empty((self.n_tensors + 1, L.COEF_COLS), dtype=torch.float64, device=plan.device)
+        self.coefs = torch.empty((self.n_tensors + 1, L.COEF_COLS), dtype=torch.float64, device=plan.device)
         self.partials = torch.empty(max(self.n_chunks, 1), dtype=plan.norm_dtype, device=plan.device)
         self.interpreted = interpreted
         # per span, what its launches take, sliced once: (dtype, chunks, n, partials, aligned, rows, grid)
@@ -248,12 +248,12 @@ class TritonBackend:
         update_flags = self._update_flags
         with _device(plan.device):
             K.prepare_kernel[(1,)](
-                tab.tensors, tab.n_tensors, hyper, schedules, clocks, n_groups, tab.scratch,
+                tab.tensors, tab.n_tensors, hyper, schedules, clocks, n_groups, tab.coefs,
                 norm if norm is not None else hyper, scale, found,
                 HAS_CLIP=clip, HAS_RATE=settings.lr_norm_power != 0, HAS_SCALE=has_scale,
                 HAS_FOUND=scalars.found_inf is not None, RULE=plan.rule, KINDS=flags["KINDS"], BLOCK=_PREPARE_BLOCK)
             for dtype, chunks, n, _, aligned, rows, grid in tab.launches:
-                K.update_kernel[grid](tab.tensors, chunks, n, tab.n_tensors, hyper, n_groups, tab.scratch,
+                K.update_kernel[grid](tab.tensors, chunks, n, tab.n_tensors, hyper, n_groups, tab.coefs,
                                       DTYPE=self._tl[dtype], ALIGNED=aligned, ROWS=rows, **update_flags)
 
 

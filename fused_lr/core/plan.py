@@ -95,6 +95,8 @@ class Plan:
     def build(cls, device: torch.device, rule: int, rows: list[tuple[int, int, torch.Tensor, str | None]]) -> Plan:
         """``rows``: (flat position, group index, addressable view, problem) of each parameter with a
         gradient, in the optimizer's order."""
+        if rule not in L.RULES.values():
+            raise ValueError(f"unknown rule code {rule!r}: fused_lr.core.layout.RULES has {L.RULES}")
         order = sorted(range(len(rows)), key=lambda i: _dtype_rank(rows[i][2].dtype))  # stable
         rows = [rows[i] for i in order]
         params = [r[2] for r in rows]

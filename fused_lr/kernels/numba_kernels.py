@@ -19,21 +19,43 @@ from numba.extending import intrinsic
 
 from fused_lr import schedules
 from fused_lr.core import layout as L
+from fused_lr.core.layout import (
+    F_AMSGRAD,
+    F_CENTERED,
+    F_DECOUPLED,
+    F_MAXIMIZE,
+    F_NESTEROV,
+    H_FLAGS,
+    H_LR,
+    H_R0,
+    H_R1,
+    H_R2,
+    H_WEIGHT_DECAY,
+    RULE_ADAGRAD,
+    RULE_ADAM,
+    RULE_RMSPROP,
+    RULE_SGD,
+    T_GRAD,
+    T_GROUP,
+    T_NUMEL,
+    T_PARAM,
+    T_STATE0,
+    T_STATE1,
+    T_STATE2,
+    T_STEP,
+)
 
 # Module globals are compile-time constants to Numba, and cached machine code does not notice
 # when layout.py changes: _LAYOUT_ID guards that (see the end of this module).
-T_PARAM, T_GRAD, T_STATE0, T_STATE1, T_STATE2 = L.T_PARAM, L.T_GRAD, L.T_STATE0, L.T_STATE1, L.T_STATE2
-T_STEP, T_NUMEL, T_GROUP = L.T_STEP, L.T_NUMEL, L.T_GROUP
-H_LR, H_WD, H_FLAGS, H_R0, H_R1, H_R2 = L.H_LR, L.H_WEIGHT_DECAY, L.H_FLAGS, L.H_R0, L.H_R1, L.H_R2
-F_MAXIMIZE, F_DECOUPLED, F_NESTEROV = L.F_MAXIMIZE, L.F_DECOUPLED, L.F_NESTEROV
-F_AMSGRAD, F_CENTERED = L.F_AMSGRAD, L.F_CENTERED
-RULE_SGD, RULE_ADAM, RULE_RMSPROP, RULE_ADAGRAD = L.RULE_SGD, L.RULE_ADAM, L.RULE_RMSPROP, L.RULE_ADAGRAD
-# columns of the per-tensor constants, stored in the tensor's own dtype so the arithmetic is the
-# one torch does with a Python scalar (the scalar rounded to the tensor dtype first); R0..R4 are
-# the rule's (see prepare), OMW is 1 - the rule's lerp weight as torch.lerp computes it: in the
-# tensor dtype (the kernels cannot write a literal 1 in that dtype: an integer or float literal
-# would promote float32 arithmetic to float64)
-C_NEGLR, C_WD, C_KEEP, C_INV, C_CLIP, C_COEF, C_INIT, C_R0, C_R1, C_R2, C_R3, C_R4, C_OMW = range(13)
+# Columns of the per-tensor constants ``consts`` (Numba's own prepare stage, below), stored in the
+# tensor's own dtype so the arithmetic is the one torch does with a Python scalar (the scalar
+# rounded to the tensor dtype first): -lr, weight decay, the decoupled-decay factor 1 - lr·wd,
+# 1/grad_scale, the clip value, the clip coefficient, 1 on a state's first use, the rule's R0..R4
+# (see prepare), and 1 - the rule's lerp weight as torch.lerp computes it, in the tensor dtype (the
+# kernels cannot write a literal 1 in that dtype: a literal would promote float32 arithmetic to
+# float64).
+(CONST_NEG_LR, CONST_WD, CONST_KEEP, CONST_INV_SCALE, CONST_CLIP, CONST_CLIP_COEF, CONST_FIRST, CONST_R0, CONST_R1,
+ CONST_R2, CONST_R3, CONST_R4, CONST_ONE_MINUS_W) = range(13)
 CONST_COLS = 13
 _LAYOUT_ID = zlib.crc32(repr((L.TENSOR, L.HYPER, L.FLAGS, L.RULES, L.SCHEDULE_KINDS, L.SIZES)).encode())
 
@@ -181,36 +203,38 @@ def prepare(table, hyper, schedules_, clocks, scalars, consts, rule):
         lr = group_lr[gi]
         step = np.float64(carray(_pointer(table[t, T_STEP], k_like), 1)[0])
         c = consts[t]
-        c[C_WD] = h[H_WD]
-        c[C_KEEP] = 1.0 - lr * h[H_WD]
-        c[C_INV] = scalars[0]
-        c[C_CLIP] = scalars[1]
-        c[C_COEF] = scalars[2]
-        c[C_INIT] = 1.0 if step == 0 else 0.0
-        c[C_NEGLR] = -lr
+        c[CONST_WD] = h[H_WEIGHT_DECAY]
+        c[CONST_KEEP] = 1.0 - lr * h[H_WEIGHT_DECAY]
+        c[CONST_INV_SCALE] = scalars[0]
+        c[CONST_CLIP] = scalars[1]
+        c[CONST_CLIP_COEF] = scalars[2]
+        c[CONST_FIRST] = 1.0 if step == 0 else 0.0
+        c[CONST_NEG_LR] = -lr
         if rule == RULE_SGD:
-            c[C_R0] = h[H_R0]  # momentum
-            c[C_R1] = h[H_R1]  # 1 - dampening
+            c[CONST_R0] = h[H_R0]  # momentum
+            c[CONST_R1] = h[H_R1]  # 1 - dampening
         elif rule == RULE_ADAM:
             b1, b2, t_ = h[H_R0], h[H_R1], step + 1.0
-            c[C_NEGLR] = -(lr / (1.0 - b1 ** t_))
-            c[C_R0] = 1.0 - b1
-            c[C_R1] = b2
-            c[C_R2] = 1.0 - b2
-            c[C_R3] = (1.0 - b2 ** t_) ** 0.5
-            c[C_R4] = h[H_R2]  # eps
+            c[CONST_NEG_LR] = -(lr / (1.0 - b1 ** t_))
+            c[CONST_R0] = 1.0 - b1
+            c[CONST_R1] = b2
+            c[CONST_R2] = 1.0 - b2
+            c[CONST_R3] = (1.0 - b2 ** t_) ** 0.5
+            c[CONST_R4] = h[H_R2]  # eps
             # read back in the tensor dtype: float32's 1 - w rounded once from the exact float64
             # difference is the float32 subtraction's result
-            c[C_OMW] = 1.0 - c[C_R0]
+            c[CONST_ONE_MINUS_W] = 1.0 - c[CONST_R0]
         elif rule == RULE_RMSPROP:
-            c[C_R0] = h[H_R0]  # alpha
-            c[C_R1] = 1.0 - h[H_R0]
-            c[C_R2] = h[H_R1]  # eps
-            c[C_R3] = h[H_R2]  # momentum
-            c[C_OMW] = 1.0 - c[C_R1]
+            c[CONST_R0] = h[H_R0]  # alpha
+            c[CONST_R1] = 1.0 - h[H_R0]
+            c[CONST_R2] = h[H_R1]  # eps
+            c[CONST_R3] = h[H_R2]  # momentum
+            c[CONST_ONE_MINUS_W] = 1.0 - c[CONST_R1]
         elif rule == RULE_ADAGRAD:
-            c[C_NEGLR] = -(lr / (1.0 + step * h[H_R0]))  # step = t - 1 earlier updates
-            c[C_R0] = h[H_R1]  # eps
+            c[CONST_NEG_LR] = -(lr / (1.0 + step * h[H_R0]))  # step = t - 1 earlier updates
+            c[CONST_R0] = h[H_R1]  # eps
+        elif rule != RULE_SGD:
+            c[CONST_NEG_LR] = np.nan
 
 
 @njit(inline="always", error_model="numpy")
@@ -233,8 +257,8 @@ def _common(g, w, k, decay, decoupled):
 def _commons(cs, flags):
     """The constants of :func:`_common`; maximize is folded into 1/scale (g·(-s) is -(g·s) exactly,
     round to nearest being symmetric), so the loop has no branch for it."""
-    inv = -cs[C_INV] if (flags & F_MAXIMIZE) != 0 else cs[C_INV]
-    return inv, cs[C_CLIP], cs[C_COEF], cs[C_WD], cs[C_KEEP]
+    inv = -cs[CONST_INV_SCALE] if (flags & F_MAXIMIZE) != 0 else cs[CONST_INV_SCALE]
+    return inv, cs[CONST_CLIP], cs[CONST_CLIP_COEF], cs[CONST_WD], cs[CONST_KEEP]
 
 
 # The update loops, software-prefetched, BLOCK elements at a time with hints a block ahead by
@@ -252,9 +276,9 @@ PREFETCH_BYTES, BLOCK = 4096, 64
 def _sgd_chunk(p, g, b, cs, flags, decay, momentum):
     """The SGD rule on one chunk (b is unused without momentum)."""
     k = _commons(cs, flags)
-    neg_lr, mu, gain = cs[C_NEGLR], cs[C_R0], cs[C_R1]
+    neg_lr, mu, gain = cs[CONST_NEG_LR], cs[CONST_R0], cs[CONST_R1]
     nesterov, decoupled = (flags & F_NESTEROV) != 0, (flags & F_DECOUPLED) != 0
-    first = cs[C_INIT] != 0
+    first = cs[CONST_FIRST] != 0
     n, ahead, line = p.shape[0], PREFETCH_BYTES // p.itemsize, 64 // p.itemsize
     for blk in range(0, n, BLOCK):
         for q in range(blk + ahead, blk + ahead + BLOCK, line):
@@ -288,8 +312,8 @@ def _adam_chunk(p, g, m, v, vmax, cs, flags, decay, amsgrad):
     """The Adam rule on one chunk, BLOCK elements at a time; vmax is read and written only with
     amsgrad."""
     k = _commons(cs, flags)
-    neg_step, b2, w2, bc2, eps = cs[C_NEGLR], cs[C_R1], cs[C_R2], cs[C_R3], cs[C_R4]
-    low, cm = _lerp_coef(cs[C_R0], cs[C_OMW])
+    neg_step, b2, w2, bc2, eps = cs[CONST_NEG_LR], cs[CONST_R1], cs[CONST_R2], cs[CONST_R3], cs[CONST_R4]
+    low, cm = _lerp_coef(cs[CONST_R0], cs[CONST_ONE_MINUS_W])
     decoupled = (flags & F_DECOUPLED) != 0
     n, ahead, line = p.shape[0], PREFETCH_BYTES // p.itemsize, 64 // p.itemsize
     for b in range(0, n, BLOCK):
@@ -320,8 +344,8 @@ def _adam_chunk(p, g, m, v, vmax, cs, flags, decay, amsgrad):
 def _rmsprop_chunk(p, g, s, b, c, cs, flags, decay, momentum, centered):
     """The RMSprop rule on one chunk; b (momentum) and c (centered) are used only when enabled."""
     k = _commons(cs, flags)
-    neg_lr, alpha, w1, eps, mu = cs[C_NEGLR], cs[C_R0], cs[C_R1], cs[C_R2], cs[C_R3]
-    low, cc = _lerp_coef(w1, cs[C_OMW])
+    neg_lr, alpha, w1, eps, mu = cs[CONST_NEG_LR], cs[CONST_R0], cs[CONST_R1], cs[CONST_R2], cs[CONST_R3]
+    low, cc = _lerp_coef(w1, cs[CONST_ONE_MINUS_W])
     for i in range(p.shape[0]):
         x, w = _common(g[i], p[i], k, decay, False)
         si = s[i] * alpha + w1 * x * x
@@ -345,7 +369,7 @@ def _rmsprop_chunk(p, g, s, b, c, cs, flags, decay, momentum, centered):
 def _adagrad_chunk(p, g, s, cs, flags, decay):
     """The Adagrad rule on one chunk."""
     k = _commons(cs, flags)
-    neg_clr, eps = cs[C_NEGLR], cs[C_R0]
+    neg_clr, eps = cs[CONST_NEG_LR], cs[CONST_R0]
     for i in range(p.shape[0]):
         x, w = _common(g[i], p[i], k, decay, False)
         si = s[i] + x * x
@@ -368,7 +392,7 @@ def update(table, chunk_t, chunk_lo, chunk_hi, hyper, schedules_, clocks, scalar
         n, lo, hi = table[t, T_NUMEL], chunk_lo[c], chunk_hi[c]
         p = carray(_pointer(table[t, T_PARAM], consts), n)[lo:hi]
         g = carray(_pointer(table[t, T_GRAD], consts), n)[lo:hi]
-        decay = h[H_WD] != 0
+        decay = h[H_WEIGHT_DECAY] != 0
         # Each optional state gets its own call with the flag as a constant, so the inlined loop of
         # each variant never touches the stand-in array of an absent state: a stand-in aliasing a
         # real one would make LLVM's run-time overlap test fail and run the loop unvectorised.
@@ -403,6 +427,8 @@ def update(table, chunk_t, chunk_lo, chunk_hi, hyper, schedules_, clocks, scalar
         elif rule == RULE_ADAGRAD:
             s = carray(_pointer(table[t, T_STATE0], consts), n)[lo:hi]
             _adagrad_chunk(p, g, s, consts[t], flags, decay)
+        else:  # a rule without an update here: a visible result, never another rule's (the host refuses it first)
+            p[:] = np.nan
     k_like = np.zeros(1, np.float32)
     for t in range(table.shape[0]):
         carray(_pointer(table[t, T_STEP], k_like), 1)[0] += 1

@@ -25,9 +25,10 @@ from fused_lr.core import layout as L
 # columns of the device hyper table's last (optimizer-wide) row
 O_MAX_NORM, O_CLIP_VALUE, O_RATE_POWER, O_RATE_EPS = range(4)
 
-_TCOLS, _HCOLS, _SCOLS = tl.constexpr(L.TENSOR_COLS), tl.constexpr(L.HYPER_COLS), tl.constexpr(L.COEF_COLS)
-_C_PARAM, _C_GRAD, _C_BUF, _C_STEP = (tl.constexpr(c) for c in (L.T_PARAM, L.T_GRAD, L.T_STATE0, L.T_STEP))
-_C_NUMEL, _C_GROUP = tl.constexpr(L.T_NUMEL), tl.constexpr(L.T_GROUP)
+_TENSOR_COLS, _HYPER_COLS = tl.constexpr(L.TENSOR_COLS), tl.constexpr(L.HYPER_COLS)
+_COEF_COLS = tl.constexpr(L.COEF_COLS)
+_T_PARAM, _T_GRAD, _T_STATE0, _T_STEP = (tl.constexpr(c) for c in (L.T_PARAM, L.T_GRAD, L.T_STATE0, L.T_STEP))
+_T_NUMEL, _T_GROUP = tl.constexpr(L.T_NUMEL), tl.constexpr(L.T_GROUP)
 _H_LR, _H_WD, _H_FLAGS = tl.constexpr(L.H_LR), tl.constexpr(L.H_WEIGHT_DECAY), tl.constexpr(L.H_FLAGS)
 _H_R0, _H_R1, _H_R2 = tl.constexpr(L.H_R0), tl.constexpr(L.H_R1), tl.constexpr(L.H_R2)  # the rule's columns
 _F_MAXIMIZE, _F_DECOUPLED, _F_NESTEROV = (tl.constexpr(f) for f in (L.F_MAXIMIZE, L.F_DECOUPLED, L.F_NESTEROV))
@@ -36,9 +37,9 @@ _RULE_SGD, _RULE_ADAM, _RULE_RMSPROP, _RULE_ADAGRAD = (tl.constexpr(r) for r in 
                                                                                  L.RULE_RMSPROP, L.RULE_ADAGRAD))
 _H_MAX_NORM, _H_CLIP_VALUE = tl.constexpr(O_MAX_NORM), tl.constexpr(O_CLIP_VALUE)
 _H_RATE_POWER, _H_RATE_EPS = tl.constexpr(O_RATE_POWER), tl.constexpr(O_RATE_EPS)
-_S_LR, _S_DECAY, _S_INIT, _S_C0 = tl.constexpr(L.C_LR), tl.constexpr(L.C_DECAY), tl.constexpr(L.C_INIT), \
+_C_LR, _C_DECAY, _C_INIT, _C_C0 = tl.constexpr(L.C_LR), tl.constexpr(L.C_DECAY), tl.constexpr(L.C_INIT), \
     tl.constexpr(L.C_C0)
-_S_COEF, _S_INV_SCALE, _S_GO = tl.constexpr(L.W_CLIP_COEF), tl.constexpr(L.W_INV_SCALE), tl.constexpr(L.W_GO)
+_W_CLIP_COEF, _W_INV_SCALE, _W_GO = tl.constexpr(L.W_CLIP_COEF), tl.constexpr(L.W_INV_SCALE), tl.constexpr(L.W_GO)
 _NORM_EPS = tl.constexpr(L.NORM_EPS)
 
 _SEGS = tl.constexpr(S.MAX_SEGMENTS)
@@ -193,7 +194,7 @@ def _chunks(tensors, chunks, n_chunks, ROWS: tl.constexpr, CHUNK: tl.constexpr):
     tensor = tl.load(entry, mask=valid, other=0)
     start = tl.multiple_of(tl.load(entry + 1, mask=valid, other=0), CHUNK)
     end = tl.load(entry + 2, mask=valid, other=0)
-    return c, tensor, tensors + tensor * _TCOLS, start, end
+    return c, tensor, tensors + tensor * _TENSOR_COLS, start, end
 
 
 @triton.jit
@@ -266,11 +267,11 @@ def sumsq_kernel(tensors, chunks, n_chunks, partials, out, hyper, scale, n_group
     ACC: tl.constexpr = partials.dtype.element_ty
     COMPUTE: tl.constexpr = tl.float64 if DTYPE.is_fp64() else tl.float32
     c, _, row, start, end = _chunks(tensors, chunks, n_chunks, ROWS, CHUNK)
-    G = _address(row, _C_GRAD, DTYPE, ALIGNED)
+    G = _address(row, _T_GRAD, DTYPE, ALIGNED)
     inv = tl.full((), 1.0, COMPUTE)
     if HAS_SCALE:
         inv = _inv_scale(scale).to(COMPUTE)
-    clip_value = tl.load(hyper + n_groups * _HCOLS + _H_CLIP_VALUE).to(COMPUTE)
+    clip_value = tl.load(hyper + n_groups * _HYPER_COLS + _H_CLIP_VALUE).to(COMPUTE)
     acc = tl.full([ROWS, BLOCK], 0.0, ACC)
     lane = tl.arange(0, BLOCK)[None, :]
     n_full, n_all = _blocks(start, end, BLOCK)
@@ -301,14 +302,14 @@ def sqrt_sum_kernel(partials, n, out, BLOCK: tl.constexpr):
 
 # ----------------------------------------------------------------------------- update
 @triton.jit
-def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, state, norm, scale, found,
+def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, coefs, norm, scale, found,
                    HAS_CLIP: tl.constexpr, HAS_RATE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
                    RULE: tl.constexpr, KINDS: tl.constexpr, BLOCK: tl.constexpr):
     """One program, before update_kernel: the step-wide scalars (clip coefficient, 1/grad_scale,
     go = not skipped) and, per tensor, the lr = kernel lr x schedule(its group's clock), the
     decoupled decay factor and whether its state starts now (step count 0); then every step
     count and, once all are read, every group clock advance by go. Everything stays on the device."""
-    wide = hyper + n_groups * _HCOLS
+    wide = hyper + n_groups * _HYPER_COLS
     rate = tl.full((), 1.0, tl.float64)
     if HAS_RATE:  # the gradient-norm rate (N + eps) ** -power, on the norm before clipping
         n_eps = tl.load(norm).to(tl.float64) + tl.load(wide + _H_RATE_EPS)
@@ -320,42 +321,42 @@ def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, state, n
     if HAS_CLIP:
         # c = min(1, C / (N + eps)) as torch evaluates it: in N's dtype, C / x as reciprocal(x) * C
         nv = tl.load(norm)
-        c = _recip(nv + _NORM_EPS) * tl.load(hyper + n_groups * _HCOLS + _H_MAX_NORM).to(nv.dtype)
+        c = _recip(nv + _NORM_EPS) * tl.load(hyper + n_groups * _HYPER_COLS + _H_MAX_NORM).to(nv.dtype)
         coef = tl.where(c > 1.0, 1.0, c).to(tl.float64)  # keeps a NaN norm NaN, as torch.clamp does
     inv = tl.full((), 1.0, tl.float64)
     if HAS_SCALE:
         inv = _inv_scale(scale).to(tl.float64)
-    last = state + n_tensors * _SCOLS
-    tl.store(last + _S_COEF, coef)
-    tl.store(last + _S_INV_SCALE, inv)
-    tl.store(last + _S_GO, go)
+    last = coefs + n_tensors * _COEF_COLS
+    tl.store(last + _W_CLIP_COEF, coef)
+    tl.store(last + _W_INV_SCALE, inv)
+    tl.store(last + _W_GO, go)
     for s in range(0, n_tensors, BLOCK):
         idx = s + tl.arange(0, BLOCK).to(tl.int64)
         m = idx < n_tensors
-        row = tensors + idx * _TCOLS
-        steps = tl.load(row + _C_STEP, mask=m, other=0).to(tl.pointer_type(tl.float32))
+        row = tensors + idx * _TENSOR_COLS
+        steps = tl.load(row + _T_STEP, mask=m, other=0).to(tl.pointer_type(tl.float32))
         step = tl.load(steps, mask=m, other=0.0)
-        group = tl.load(row + _C_GROUP, mask=m, other=0)
-        h = hyper + group * _HCOLS
+        group = tl.load(row + _T_GROUP, mask=m, other=0)
+        h = hyper + group * _HYPER_COLS
         k = tl.load(clocks + group, mask=m, other=0.0).to(tl.float64)
         lr = tl.load(h + _H_LR, mask=m, other=0.0) * _eval_tables(tables + group * (_SEGS * _ROW), k, m, KINDS)
         lr = lr * rate
         flags = tl.load(h + _H_FLAGS, mask=m, other=0.0).to(tl.int32)
         decoupled_wd = tl.where((flags & _F_DECOUPLED) != 0, tl.load(h + _H_WD, mask=m, other=0.0), 0.0)
-        out = state + idx * _SCOLS
+        out = coefs + idx * _COEF_COLS
         step64 = step.to(tl.float64)
         if RULE == _RULE_ADAM:  # bias corrections from the step count after this update
             t = step64 + 1.0
             b1 = tl.load(h + _H_R0, mask=m, other=0.0)
             b2 = tl.load(h + _H_R1, mask=m, other=0.0)
-            tl.store(out + _S_C0, tl.sqrt(1.0 - _pow(b2, t, False)), mask=m)
-            tl.store(out + _S_LR, lr / (1.0 - _pow(b1, t, False)), mask=m)
+            tl.store(out + _C_C0, tl.sqrt(1.0 - _pow(b2, t, False)), mask=m)
+            tl.store(out + _C_LR, lr / (1.0 - _pow(b1, t, False)), mask=m)
         elif RULE == _RULE_ADAGRAD:  # lr / (1 + (t - 1) lr_decay)
-            tl.store(out + _S_LR, lr / (1.0 + step64 * tl.load(h + _H_R0, mask=m, other=0.0)), mask=m)
+            tl.store(out + _C_LR, lr / (1.0 + step64 * tl.load(h + _H_R0, mask=m, other=0.0)), mask=m)
         else:
-            tl.store(out + _S_LR, lr, mask=m)
-        tl.store(out + _S_DECAY, 1.0 - lr * decoupled_wd, mask=m)
-        tl.store(out + _S_INIT, tl.where(step == 0, 1.0, 0.0), mask=m)
+            tl.store(out + _C_LR, lr, mask=m)
+        tl.store(out + _C_DECAY, 1.0 - lr * decoupled_wd, mask=m)
+        tl.store(out + _C_INIT, tl.where(step == 0, 1.0, 0.0), mask=m)
         # step + 0 rewrites the count unchanged when the step is skipped
         tl.store(steps, step + go.to(tl.float32), mask=m)
     tl.debug_barrier()  # every lane has read its group's clock
@@ -482,41 +483,41 @@ def _adagrad(g, p, S0, offs, m, clr, eps, DTYPE: tl.constexpr, COMPUTE: tl.const
 
 
 @triton.jit
-def update_kernel(tensors, chunks, n_chunks, n_tensors, hyper, n_groups, state,
+def update_kernel(tensors, chunks, n_chunks, n_tensors, hyper, n_groups, coefs,
                   DTYPE: tl.constexpr, RULE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr,
                   HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr,
                   DECOUPLED_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                   AMSGRAD: tl.constexpr, CENTERED: tl.constexpr,
                   ALIGNED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """docs/step.md steps 0-7 on ROWS chunks, the rule chosen by RULE, with the scalars
-    prepare_kernel left in ``state``. Arithmetic in the parameter dtype (float32 for 16-bit types);
+    prepare_kernel left in ``coefs``. Arithmetic in the parameter dtype (float32 for 16-bit types);
     scalars are cast to it as torch casts a Python number. The constexpr feature flags say whether
     any group uses a feature; rows of groups that do not are left alone by its code."""
     COMPUTE: tl.constexpr = tl.float64 if DTYPE.is_fp64() else tl.float32
     _, tensor, row, start, end = _chunks(tensors, chunks, n_chunks, ROWS, CHUNK)
-    last = state + n_tensors * _SCOLS
-    end = start + (end - start) * tl.load(last + _S_GO).to(tl.int64)  # a skipped step touches nothing
-    own = (state + tensor * _SCOLS)[:, None]
-    h = (hyper + tl.load(row + _C_GROUP) * _HCOLS)[:, None]
+    last = coefs + n_tensors * _COEF_COLS
+    end = start + (end - start) * tl.load(last + _W_GO).to(tl.int64)  # a skipped step touches nothing
+    own = (coefs + tensor * _COEF_COLS)[:, None]
+    h = (hyper + tl.load(row + _T_GROUP) * _HYPER_COLS)[:, None]
     # every per-row and step-wide scalar, loaded once per program
-    coef = tl.load(last + _S_COEF).to(COMPUTE)
-    inv = tl.load(last + _S_INV_SCALE).to(COMPUTE)
-    clip_value = tl.load(hyper + n_groups * _HCOLS + _H_CLIP_VALUE).to(COMPUTE)
-    lr = tl.load(own + _S_LR).to(COMPUTE)
-    decay = tl.load(own + _S_DECAY).to(COMPUTE)
-    init = tl.load(own + _S_INIT) != 0
+    coef = tl.load(last + _W_CLIP_COEF).to(COMPUTE)
+    inv = tl.load(last + _W_INV_SCALE).to(COMPUTE)
+    clip_value = tl.load(hyper + n_groups * _HYPER_COLS + _H_CLIP_VALUE).to(COMPUTE)
+    lr = tl.load(own + _C_LR).to(COMPUTE)
+    decay = tl.load(own + _C_DECAY).to(COMPUTE)
+    init = tl.load(own + _C_INIT) != 0
     flags = tl.load(h + _H_FLAGS).to(tl.int32)
     sign = tl.where((flags & _F_MAXIMIZE) != 0, -1.0, 1.0).to(COMPUTE)
     wd = tl.where((flags & _F_DECOUPLED) != 0, 0.0, tl.load(h + _H_WD)).to(COMPUTE)
     r0 = tl.load(h + _H_R0)
     r1 = tl.load(h + _H_R1)
     r2 = tl.load(h + _H_R2)
-    c0 = tl.load(own + _S_C0).to(COMPUTE)
-    P = _address(row, _C_PARAM, DTYPE, ALIGNED)
-    G = _address(row, _C_GRAD, DTYPE, ALIGNED)
-    S0 = _address(row, _C_BUF, DTYPE, ALIGNED)
-    S1 = _address(row, _C_BUF + 1, DTYPE, ALIGNED)
-    S2 = _address(row, _C_BUF + 2, DTYPE, ALIGNED)
+    c0 = tl.load(own + _C_C0).to(COMPUTE)
+    P = _address(row, _T_PARAM, DTYPE, ALIGNED)
+    G = _address(row, _T_GRAD, DTYPE, ALIGNED)
+    S0 = _address(row, _T_STATE0, DTYPE, ALIGNED)
+    S1 = _address(row, _T_STATE0 + 1, DTYPE, ALIGNED)
+    S2 = _address(row, _T_STATE0 + 2, DTYPE, ALIGNED)
     lane = tl.arange(0, BLOCK)[None, :]
     n_full, n_all = _blocks(start, end, BLOCK)
     args = (P, G, S0, S1, S2, lr, decay, init, flags, sign, wd, r0, r1, r2, c0, inv, clip_value, coef)
@@ -548,8 +549,10 @@ def _update_tile(offs, m, P, G, S0, S1, S2, lr, decay, init, flags, sign, wd, r0
     elif RULE == _RULE_RMSPROP:
         p = _rmsprop(g, p, S0, S1, S2, offs, m, lr, r0.to(COMPUTE), (1.0 - r0).to(COMPUTE), r1.to(COMPUTE),
                      r2.to(COMPUTE), (flags & _F_CENTERED) != 0, DTYPE, COMPUTE, MOMENTUM, CENTERED, MASKED)
-    else:
+    elif RULE == _RULE_ADAGRAD:
         p = _adagrad(g, p, S0, offs, m, lr, r1.to(COMPUTE), DTYPE, COMPUTE, MASKED)
+    else:  # a rule without an update here: a visible result, never another rule's (the host refuses it first)
+        p = tl.full(p.shape, float("nan"), COMPUTE)
     _store(P, offs, p, m, DTYPE, MASKED)
 
 
