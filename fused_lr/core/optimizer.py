@@ -697,8 +697,9 @@ class FusedOptimizer(Optimizer):
             norm = runner.grad_norm(plan, settings, scalars)
             if self._norm_group is not None:
                 norm = self._global_norm(norm)
-            skipped = scalars.found_inf is not None and bool(scalars.found_inf)
-            if self.error_if_nonfinite and not bool(torch.isfinite(norm)) and not skipped:
+            # the one host read a step may make (docs/step.md): only when asked to check the norm
+            if self.error_if_nonfinite and not bool(torch.isfinite(norm)) and not (
+                    scalars.found_inf is not None and bool(scalars.found_inf)):
                 raise RuntimeError(
                     f"{type(self).__name__}: the global gradient norm is non-finite ({norm.item()}); nothing was "
                     f"changed. Pass error_if_nonfinite=False to skip this check.")

@@ -224,6 +224,39 @@ def _recip(x):
 
 
 @triton.jit
+def _div(a, b):
+    """a / b correctly rounded, as torch and the CUDA kernels divide (float32 ``/`` compiles to
+    div.full.f32, up to 2 ulp off)."""
+    if a.dtype.is_fp32():
+        return tl.fdiv(a, b, ieee_rounding=True)
+    else:
+        return a / b
+
+
+@triton.jit
+def _sqrt(x):
+    """sqrt(x) correctly rounded (float32 tl.sqrt compiles to the approximate square root)."""
+    if x.dtype.is_fp32():
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def _narrow(x, DTYPE: tl.constexpr):
+    """``x`` in the tensor dtype, rounded to nearest even as torch rounds: the interpreter's
+    float32 -> bfloat16 cast truncates, so bfloat16 is rounded here, on the bits (a NaN stays a
+    quiet NaN), identically compiled and interpreted."""
+    if tl.bfloat16 == DTYPE:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _inv_scale(scale):
     """1 / grad_scale as torch.amp.GradScaler.unscale_ computes it: in float64, kept in float32."""
     return _recip(tl.load(scale).to(tl.float64)).to(tl.float32)
@@ -383,9 +416,9 @@ def _load_state(S, offs, m, COMPUTE: tl.constexpr, MASKED: tl.constexpr):
 @triton.jit
 def _store(X, offs, x, m, DTYPE: tl.constexpr, MASKED: tl.constexpr):
     if MASKED:
-        tl.store(X + offs, x.to(DTYPE), mask=m)
+        tl.store(X + offs, _narrow(x, DTYPE), mask=m)
     else:
-        tl.store(X + offs, x.to(DTYPE))
+        tl.store(X + offs, _narrow(x, DTYPE))
 
 
 @triton.jit
@@ -425,7 +458,7 @@ def _sgd(g, p, S0, offs, m, lr, r0, r1, nesterov, init, DTYPE: tl.constexpr, COM
         # read only where the buffer holds momentum: never without one, nor on its first use
         b = tl.load(S0 + offs, mask=m_buf & (init == 0), other=0.0).to(COMPUTE)
         b = tl.where(init, g, r0 * b + r1 * g)
-        tl.store(S0 + offs, b.to(DTYPE), mask=m_buf)
+        tl.store(S0 + offs, _narrow(b, DTYPE), mask=m_buf)
         if NESTEROV:
             b = tl.where(nesterov, g + r0 * b, b)
         d = tl.where(has_momentum, b, g)
@@ -445,9 +478,9 @@ def _adam(g, p, S0, S1, S2, offs, m, step_size, w1, b2, w2, bc2, eps, amsgrad, D
         # torch.maximum: NaN where either is (the default propagate_nan=NONE would keep the old
         # maximum for a NaN v, as fmax does)
         vmax = tl.maximum(tl.load(S2 + offs, mask=m_ams, other=0.0).to(COMPUTE), v, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(S2 + offs, vmax.to(DTYPE), mask=m_ams)
+        tl.store(S2 + offs, _narrow(vmax, DTYPE), mask=m_ams)
         v = tl.where(amsgrad, vmax, v)
-    return p - step_size * mv / (tl.sqrt(v) / bc2 + eps)
+    return p - _div(step_size * mv, _div(_sqrt(v), bc2) + eps)
 
 
 @triton.jit
@@ -456,20 +489,20 @@ def _rmsprop(g, p, S0, S1, S2, offs, m, lr, alpha, w1, eps, r_mom, centered, DTY
     """The RMSprop rule: S0 square_avg, then the momentum buffer if momentum, then grad_avg if centered."""
     s = _load_state(S0, offs, m, COMPUTE, MASKED) * alpha + w1 * g * g
     _store(S0, offs, s, m, DTYPE, MASKED)
-    avg = tl.sqrt(s)
+    avg = _sqrt(s)
     if CENTERED:
         C = tl.where(r_mom > 0, S2, S1)
         m_c = m & centered if MASKED else centered
         c = _lerp(tl.load(C + offs, mask=m_c, other=0.0).to(COMPUTE), g, w1)
-        tl.store(C + offs, c.to(DTYPE), mask=m_c)
-        avg = tl.where(centered, tl.sqrt(s + -c * c), avg)
+        tl.store(C + offs, _narrow(c, DTYPE), mask=m_c)
+        avg = tl.where(centered, _sqrt(s + -c * c), avg)
     avg = avg + eps
-    d = g / avg
+    d = _div(g, avg)
     if MOMENTUM:
         has_momentum = r_mom > 0
         m_b = m & has_momentum if MASKED else has_momentum
-        b = tl.load(S1 + offs, mask=m_b, other=0.0).to(COMPUTE) * r_mom + g / avg
-        tl.store(S1 + offs, b.to(DTYPE), mask=m_b)
+        b = tl.load(S1 + offs, mask=m_b, other=0.0).to(COMPUTE) * r_mom + _div(g, avg)
+        tl.store(S1 + offs, _narrow(b, DTYPE), mask=m_b)
         d = tl.where(has_momentum, b, d)
     return p - lr * d
 
@@ -479,7 +512,7 @@ def _adagrad(g, p, S0, offs, m, clr, eps, DTYPE: tl.constexpr, COMPUTE: tl.const
     """The Adagrad rule: S0 the sum of squares."""
     s = _load_state(S0, offs, m, COMPUTE, MASKED) + g * g
     _store(S0, offs, s, m, DTYPE, MASKED)
-    return p - clr * g / (tl.sqrt(s) + eps)
+    return p - _div(clr * g, _sqrt(s) + eps)
 
 
 @triton.jit
