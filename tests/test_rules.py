@@ -101,3 +101,27 @@ def plan_scalars():
     from fused_lr.core.plan import StepScalars
 
     return StepScalars(None, None)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_a_schedule_kind_without_a_formula_never_passes_for_another(backend, device):
+    """A schedule table whose segment kind no evaluator knows (written past the host's checks):
+    Numba's evaluator raises, Triton's gives NaN; never the constant schedule's p0."""
+    from fused_lr import schedules
+
+    params = _params()
+    opt = FusedSGD(params, lr=0.1, backend=backend, schedule=schedules.Exponential(0.5))
+    _steps(opt, params, 1)
+    settings = opt._settings
+    settings.schedules[0, 0, 1] = max(L.SCHEDULE_KINDS.values()) + 1
+    settings.version += 1
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    try:
+        opt._backend.update(opt._plans[None], settings, opt._clocks, plan_scalars(), None)
+    except ValueError as e:
+        assert backend == "numba" and "unknown schedule segment kind" in str(e)
+        assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True))
+    else:
+        assert all(torch.isnan(p).all() for p in params)

@@ -44,7 +44,7 @@ _NORM_EPS = tl.constexpr(L.NORM_EPS)
 
 _SEGS = tl.constexpr(S.MAX_SEGMENTS)
 _ROW = tl.constexpr(S.ROW)
-_STEP, _EXP, _LINEAR, _POLY = (tl.constexpr(c) for c in (S.STEP, S.EXP, S.LINEAR, S.POLY))
+_CONST, _STEP, _EXP, _LINEAR, _POLY = (tl.constexpr(c) for c in (S.CONST, S.STEP, S.EXP, S.LINEAR, S.POLY))
 _COSINE, _COSINE_RESTARTS, _CYCLIC = (tl.constexpr(c) for c in (S.COSINE, S.COSINE_RESTARTS, S.CYCLIC))
 _ONECYCLE, _INVTIME, _INVSQRT, _POWERLAW = (tl.constexpr(c) for c in (S.ONECYCLE, S.INVTIME, S.INVSQRT,
                                                                          S.POWERLAW))
@@ -104,7 +104,7 @@ def _eval_tables(tab, k, m, KINDS: tl.constexpr):
     p1 = tl.load(seg + 3, mask=m, other=1.0)
     p2 = tl.load(seg + 4, mask=m, other=1.0)
     t = k - tl.load(seg, mask=m, other=0.0)
-    f = p0  # CONST
+    f = tl.where(kind == _CONST, p0, float("nan"))  # a kind without a formula here: NaN, never p0
 
     if _B_LINEAR & KINDS:
         f = tl.where(kind == _LINEAR, p0 + (p1 - p0) * tl.minimum(t, p2) / p2, f)
