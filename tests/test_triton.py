@@ -327,10 +327,10 @@ _COMPILE_ALL = textwrap.dedent("""
                         dict(DTYPE=dtype, RULE=rule, HAS_CLIP=flag, HAS_CLIP_VALUE=flag, HAS_SCALE=flag,
                              MAXIMIZE=flag, COUPLED_WD=flag, DECOUPLED_WD=flag, MOMENTUM=flag, NESTEROV=flag,
                              AMSGRAD=flag, CENTERED=flag, ALIGNED=flag, ROWS=1, BLOCK=1024, CHUNK=4096))
-            compile(K.sumsq_kernel, {**tables, "partials": acc, "out": acc, "scale": "*fp32"},
+            compile(K.sumsq_kernel, {**tables, "partials": "*fp64", "out": acc, "scale": "*fp32"},
                     dict(DTYPE=dtype, HAS_SCALE=flag, HAS_CLIP_VALUE=flag, FINAL=flag, ALIGNED=flag, ROWS=1,
                          BLOCK=1024, CHUNK=4096))
-        compile(K.sqrt_sum_kernel, {"partials": acc, "n": "i32", "out": acc}, dict(BLOCK=1024))
+        compile(K.sqrt_sum_kernel, {"partials": "*fp64", "n": "i32", "out": acc}, dict(BLOCK=1024))
     prepare = {"tensors": "*i64", "n_tensors": "i32", "hyper": "*fp64", "tables": "*fp64", "clocks": "*fp32",
                "n_groups": "i32", "coefs": "*fp64", "scale": "*fp32", "found": "*fp32"}
     for norm in ("*fp32", "*fp64"):

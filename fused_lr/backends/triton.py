@@ -110,7 +110,8 @@ class _Tables:
         self.chunks = _upload(np.array(chunks, dtype=np.int64).reshape(-1, 3), plan.device)
         self.versions = (plan.grad_version, plan.state_version)
         self.coefs = torch.empty((self.n_tensors + 1, L.COEF_COLS), dtype=torch.float64, device=plan.device)
-        self.partials = torch.empty(max(self.n_chunks, 1), dtype=plan.norm_dtype, device=plan.device)
+        # float64 partial sums, as Numba and CUDA keep them (float32 ones drop small squares beside large)
+        self.partials = torch.empty(max(self.n_chunks, 1), dtype=torch.float64, device=plan.device)
         self.interpreted = interpreted
         # per span, what its launches take, sliced once: (dtype, chunks, n, partials, aligned, rows, grid)
         self.launches = []
