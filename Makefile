@@ -1,11 +1,15 @@
 # The two quick-start commands: `make demo` and `make test`. Each sets up .venv (CPU torch from
-# constraints-cpu.txt, fused_lr editable, the CUDA extension compiled where nvcc is found).
+# constraints-cpu.txt, fused_lr editable, the CUDA extension compiled where nvcc is found, the
+# compiled metadata helper fused_lr._meta against that torch). The build requirements and torch go
+# in first and fused_lr builds without pip's isolation: an isolated build has no torch, and
+# fused_lr._meta needs the very torch it will run with.
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-$(BIN)/fused-lr: pyproject.toml setup.py constraints-cpu.txt CMakeLists.txt fused_lr/core/layout.py $(wildcard csrc/*.cu csrc/*.h csrc/*.cpp)
+$(BIN)/fused-lr: pyproject.toml setup.py constraints-cpu.txt CMakeLists.txt fused_lr/core/layout.py $(wildcard csrc/*.cu csrc/*.h csrc/*.cpp csrc/meta/*.cpp)
 	python3 -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints-cpu.txt -e ".[demo,test]"
+	$(BIN)/pip install -q -c constraints-cpu.txt "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.18" torch
+	$(BIN)/pip install -q -c constraints-cpu.txt --no-build-isolation -e ".[demo,test]"
 	touch $@
 
 .PHONY: demo test bench bench-fsdp gpu-check
@@ -16,20 +20,23 @@ test: $(BIN)/fused-lr
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
+# The CPU step and host-cost benchmarks under pytest-benchmark (= `pytest --benchmark-only`); the
+# same functions as `fused-lr bench` (fused_lr/tools/bench/, benchmarks/README.md)
 bench: $(BIN)/fused-lr
 	$(BIN)/pytest benchmarks/ --benchmark-only
 
 # FSDP2 on 2 gloo CPU ranks: the Numba step on the local shards against a plain model of their
-# size (scripts/fsdp_bench.py --help; benchmarks/README.md, "FSDP2 (numba, 2 gloo ranks)")
+# size (fused-lr bench fsdp --help; benchmarks/README.md, "FSDP2 (numba, 2 gloo ranks)")
 bench-fsdp: $(BIN)/fused-lr
-	$(BIN)/python scripts/fsdp_bench.py --views
+	$(BIN)/fused-lr bench fsdp --views
 
-# GPU machines only, with no .venv: their own python3 (a CUDA torch) builds the extension offline
-# and runs every GPU check, writing everything to GPU_CHECK_OUT (scripts/gpu_check.py --help).
+# GPU machines only, with no .venv: their own python3 (a CUDA torch) runs the package from this
+# checkout, builds the extension offline and runs every GPU check, writing everything to
+# GPU_CHECK_OUT (python3 -m fused_lr.tools.bench gpu-check --help, or --list for the items).
 GPU_PYTHON ?= python3
 GPU_CHECK_OUT ?= out/gpu-check
 gpu-check:
-	$(GPU_PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT)
+	$(GPU_PYTHON) -m fused_lr.tools.bench gpu-check --out $(GPU_CHECK_OUT)
 
 # Framework tests (tests/frameworks/, docs/frameworks.md). Lightning is in the test extra, so
 # `make test` runs its tests; timm needs the CUDA build of torch (for torchvision), so it gets a
