@@ -1,11 +1,10 @@
 """One optimizer step on ResNet parameter sets: torch's SGD/AdamW paths vs the fused_lr backends.
 
-Run with ``pytest benchmarks/ --benchmark-only``; ``fused-lr bench`` times the same functions
-interleaved and prints the ratios and the streaming-bound fraction.
+Run with ``pytest --benchmark-only`` (or ``make bench``); ``fused-lr bench`` times the same functions
+interleaved and prints the ratios, the streaming-bound fraction and its verdict on the run.
 """
 
-
-from fused_lr.tools.bench import STREAM
+from fused_lr.tools.bench.step import STREAM
 
 ROUNDS, WARMUP = 10, 3
 

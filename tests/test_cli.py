@@ -1,8 +1,10 @@
 """The ``fused-lr`` command on tiny budgets: demo with each optimizer, demo --compare, the compare
-figure, info, bench, bad arguments, start-up cost, and (marked slow) a plain install without the
+figure, info, bench (its checks before the run, its figure and verdict, the benchmarks leaving the
+environment alone), bad arguments, start-up cost, and (marked slow) a plain install without the
 [demo] extra."""
 
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +19,11 @@ import torch
 
 from fused_lr import available_backends
 from fused_lr.backends import NAMES
-from fused_lr.tools import cli
+from fused_lr.tools import cli, plots
+from fused_lr.tools.bench import common as step_common
+from fused_lr.tools.bench import host as host_bench
+from fused_lr.tools.bench import pytest_plugin
+from fused_lr.tools.bench import step as step_bench
 from fused_lr.tools.cli import _cpu_threads, main
 from fused_lr.tools.demo import Config, load_data, train
 from fused_lr.tools.plots import plot_compare
@@ -56,13 +62,14 @@ def test_demo_in_process(tmp_path, capsys):
     rc = main(["demo", "--steps", "20", "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert_png(tmp_path / "demo.png")
-    history = json.loads((tmp_path / "demo.json").read_text())
+    assert_png(tmp_path / "demo-sgd.png")
+    history = json.loads((tmp_path / "demo-sgd.json").read_text())
     assert len(history["loss"]) == len(history["lr"]) == len(history["grad_norm"]) == 20
     assert_loss_drops(history)
     # warm-up starts at 0 and nothing exceeds the peak lr
     assert history["lr"][0] == 0.0 and max(history["lr"]) <= 0.1
     assert f"test accuracy {history['final_test_acc']:.2%}" in out
+    assert f"wrote {tmp_path / 'demo-sgd.png'} and {tmp_path / 'demo-sgd.json'}" in out
 
 
 # Chance on the 450 stratified test digits is 10%, and the untrained model scores that (9.78%, measured
@@ -77,12 +84,14 @@ def test_each_optimizer_learns_in_one_epoch(optimizer, tmp_path, capsys):
     rc = main(["demo", "--optimizer", optimizer, "--epochs", "1", "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0
-    history = json.loads((tmp_path / "demo.json").read_text())
+    history = json.loads((tmp_path / f"demo-{optimizer}.json").read_text())
     assert history["optimizer"] == OPTIMIZERS[optimizer].cls
     assert history["config"]["optimizer"] == optimizer
     assert f"{OPTIMIZERS[optimizer].cls} lr {OPTIMIZERS[optimizer].lr}" in out  # its own defaults, in the header
     assert history["final_test_acc"] > BETTER_THAN_CHANCE, history["test_acc"]
-    assert_png(tmp_path / "demo.png")
+    assert_png(tmp_path / f"demo-{optimizer}.png")
+    # named by the optimizer: the runs of different optimizers into one folder keep each other's files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"demo-{optimizer}.json", f"demo-{optimizer}.png"]
 
 
 @pytest.mark.slow  # a whole demo in a subprocess; the in-process demo test covers the run by default
@@ -95,8 +104,8 @@ def test_demo_console_script(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
     assert "test accuracy" in run.stdout
-    assert_png(tmp_path / "demo.png")
-    assert_loss_drops(json.loads((tmp_path / "demo.json").read_text()))
+    assert_png(tmp_path / "demo-sgd.png")
+    assert_loss_drops(json.loads((tmp_path / "demo-sgd.json").read_text()))
 
 
 def test_compare_tiny(tmp_path, capsys):
@@ -154,6 +163,28 @@ def test_compare_legend_leaves_the_curves_alone(tmp_path):
     box = legend.get_window_extent(renderer)
     for ax in fig.axes:
         assert not box.overlaps(ax.get_window_extent(renderer)), ax.get_title()
+
+
+def test_compare_zooms_on_the_finish(tmp_path):
+    # the first epoch's evaluation is at ~25 %, the finishes at 97.8-99.3 % (measured): on the whole
+    # axis they are one line, so an inset shows the second half of the run from just below the lowest
+    steps = list(range(1, 169))
+    finals = [0.978 + 0.015 * k / (len(COMPARE_RUNS) - 1) for k in range(len(COMPARE_RUNS))]
+    runs = [SimpleNamespace(name=run.name, steps=168, optimizer=OPTIMIZERS[run.optimizer].cls,
+                            backend="torch" if run.name == CONTROL else "numba", lr_norm_power=run.lr_norm_power,
+                            loss=[2.0 / k for k in steps], train_acc=[0.5] * 168, lr=[0.1] * 168, grad_norm=[1.0] * 168,
+                            eval_step=[21 * e for e in range(1, 9)],
+                            test_acc=[0.25, 0.8, 0.93, 0.96, 0.97, final - 0.004, final - 0.002, final],
+                            final_test_acc=final)
+            for run, final in zip(COMPARE_RUNS, finals, strict=True)]
+    fig = plot_compare(runs, tmp_path / "compare.png")
+    acc = fig.axes[2]
+    assert acc.get_ylim()[0] < 0.25  # the whole run stays on the main axis
+    (inset,) = acc.child_axes
+    low, high = inset.get_ylim()
+    assert 0.95 < low < min(finals) and max(finals) < high <= 1.0, (low, high)
+    assert inset.get_xlim()[0] < 84 < 168 < inset.get_xlim()[1]  # from mid-run to the end
+    assert len(inset.get_lines()) == len(COMPARE_RUNS)
 
 
 @pytest.mark.parametrize("dtype, rel", [("float32", 1e-4), ("float64", 1e-10)])
@@ -284,6 +315,153 @@ def test_bench_passes_its_arguments_through(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fused_lr.tools.bench", fake)
     assert main(["bench", "--help", "--steps", "5", "resnet18"]) == 7
     assert seen == [["--help", "--steps", "5", "resnet18"]]
+
+
+def _fake_result(model: str, spread: float = 1.1) -> step_bench.ModelResult:
+    """A step benchmark's result without running it: ``spread`` is each row's median/fastest."""
+    rows = [dict(name=name, median_ms=ms, min_ms=ms / spread, speedup=10.0 / ms, speedup_min=10.0 / ms,
+                 stream_fraction=5.0 / ms, stream_fraction_min=5.0 / ms)
+            for name, ms in (("torch fused", 10.0), ("fused_lr numba", 6.0))]
+    return step_bench.ModelResult(model, 62, 11_700_000, 6 * 4 * 11_700_000, 5.0, 4.9, rows)
+
+
+@pytest.fixture
+def fake_bench(monkeypatch):
+    """The step benchmark's measurements replaced by fixed numbers: what is left is main()'s checks,
+    its printing, bench.json and bench.png. ``ran`` lists the models "timed"."""
+    ran = []
+    monkeypatch.setattr(step_bench, "run_model", lambda model, *a, **k: ran.append(model) or _fake_result(model))
+    monkeypatch.setattr(step_bench, "probe_gbps", lambda: 40.0)
+    monkeypatch.setattr(host_bench, "run", lambda **k: ran.append("host") or [])
+    return ran
+
+
+@pytest.mark.parametrize("how", ["below a file", "/proc"])
+@pytest.mark.parametrize("host", [False, True], ids=["step", "host"])
+def test_bench_unwritable_out_is_one_line_before_the_run(fake_bench, tmp_path, capsys, how, host):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "out" if how == "below a file" else Path("/proc/fused-lr-bench")
+    rc = main(["bench", *(["--host"] if host else []), "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert rc == 2 and fake_bench == [] and stdout == ""  # nothing timed, nothing printed
+    assert err.count("\n") == 1 and f"cannot write to --out {out}" in err and "Traceback" not in err, err
+
+
+def test_bench_without_matplotlib_writes_its_json_and_says_why_no_figure(fake_bench, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a plain install: importing it fails
+    assert main(["bench", "--models", "resnet18", "--repeat", "1", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert fake_bench == ["resnet18"] and err == ""
+    assert json.loads((tmp_path / "bench.json").read_text())["results"][0]["model"] == "resnet18"
+    assert not (tmp_path / "bench.png").exists()
+    assert out.splitlines()[-1] == (f"wrote {tmp_path / 'bench.json'}; bench.png skipped: matplotlib is not installed "
+                                    "(pip install matplotlib, or 'fused_lr[demo]')")
+
+
+def test_bench_png_carries_a_disturbed_verdict(fake_bench, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(step_bench, "run_model", lambda model, *a, **k: _fake_result(model, spread=2.0))
+    figures = []
+    real = plots.plot_bench
+    monkeypatch.setattr(plots, "plot_bench", lambda *a, **k: figures.append(real(*a, **k)))
+    assert main(["bench", "--models", "resnet18", "resnet50", "--repeat", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    verdict = next(line for line in out.splitlines() if line.startswith("DISTURBED"))
+    assert "median/fastest above 1.25" in verdict
+    assert_png(tmp_path / "bench.png")
+    (fig,) = figures
+    title = fig.get_suptitle()
+    assert "DISTURBED, do not trust these figures" in title and "median/fastest above 1.25" in title.replace("\n", " ")
+    assert fig._suptitle.get_color() == "tab:red"
+    assert out.splitlines()[-1] == f"wrote {tmp_path / 'bench.json'} and {tmp_path / 'bench.png'}"
+
+
+def test_bench_png_of_an_undisturbed_run_says_so(tmp_path):
+    fig = plots.plot_bench([_fake_result("resnet18")], tmp_path / "bench.png", step_common.verdict([]))
+    assert fig.get_suptitle().splitlines()[-1].startswith("undisturbed:")
+    assert fig._suptitle.get_color() == "black"
+
+
+def test_bench_help_names_every_benchmark(capsys):
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("--host", "fused-lr bench fsdp", "fused-lr bench gpu ", "fused-lr bench gpu-check",
+                    "pytest benchmarks/ --benchmark-only"):
+        assert command in out
+
+
+def test_bench_bad_argument_is_one_line(capsys):
+    assert main(["bench", "--repeat", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--repeat must be >= 1" in err
+
+
+def test_benchmarks_leave_the_environment_alone(monkeypatch):
+    # The host benchmark used to set TRITON_INTERPRET=1 while pytest collected it, which made the
+    # step benchmarks collected after it time interpreted Triton (seconds a step). Collecting the
+    # benchmarks (their modules, conftest's parametrisation) and building every contender they
+    # time must leave os.environ as it was, and the stubbed Triton host path must not need it.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _torch_sets_its_own_variables()
+    before = dict(os.environ)
+    modules = {f.stem: _load_module(f) for f in sorted((ROOT / "benchmarks").glob("*.py"))}
+    params = {}
+    metafunc = SimpleNamespace(fixturenames=("model", "optimizer", "contender"),
+                               parametrize=lambda name, values, **k: params.setdefault(name, list(values)))
+    modules["conftest"].pytest_generate_tests(metafunc)
+    assert not any("triton" in name for name in params["contender"]), params["contender"]
+    built = host_bench.contenders()
+    assert list(built) == list(host_bench.available())
+    if "fused_lr triton (launches stubbed)" in built:
+        new_grads, step = built["fused_lr triton (launches stubbed)"]
+        new_grads()
+        step()  # the host path runs, its launches stubbed
+    assert dict(os.environ) == before
+
+
+def _torch_sets_its_own_variables() -> None:
+    """torch._dynamo writes its default TORCHINDUCTOR_CACHE_DIR into os.environ when first imported
+    (which constructing a torch optimizer does): torch's own doing, once per process, not the
+    benchmarks'. Done before the snapshot."""
+    import torch._dynamo  # noqa: F401
+
+
+def _load_module(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_benchmarks_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pytest_plugin_points_benchmark_only_at_the_benchmarks(tmp_path):
+    def load(argv, where=ROOT, benchmark_only=True, paths=()):
+        ns = SimpleNamespace(benchmark_only=benchmark_only, file_or_dir=list(paths), pyargs=False)
+        config = SimpleNamespace(known_args_namespace=ns, invocation_params=SimpleNamespace(dir=where), rootpath=ROOT)
+        args = list(argv)
+        pytest_plugin.pytest_load_initial_conftests(early_config=config, parser=None, args=args)
+        return args, ns.file_or_dir
+
+    assert load(["--benchmark-only"]) == (["--benchmark-only", "benchmarks"], ["benchmarks"])
+    assert load(["-q"], benchmark_only=False) == (["-q"], [])  # plain pytest: the tests, as before
+    assert load(["--benchmark-only", "tests"], paths=["tests"]) == (["--benchmark-only", "tests"], ["tests"])
+    assert load(["--benchmark-only"], where=tmp_path) == (["--benchmark-only"], [])  # not at the root
+
+
+@pytest.mark.slow  # 10-20 s: pytest collects the benchmarks in a process of its own
+def test_pytest_benchmark_only_at_the_root_collects_the_benchmarks():
+    script = ("import os, pytest, torch._dynamo; before = dict(os.environ); "
+              "pytest.main(['--benchmark-only', '--collect-only', '-q', '-p', 'no:cacheprovider']); "
+              "print('changed', sorted(k for k in before.keys() | os.environ.keys() "
+              "if before.get(k) != os.environ.get(k)))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTEST_ADDOPTS")}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ids = [line for line in run.stdout.splitlines() if "::" in line]
+    assert ids and all(line.startswith("benchmarks/") for line in ids), run.stdout[-2000:]
+    assert any("test_host.py" in line for line in ids) and any("test_step.py" in line for line in ids)
+    assert not any("test_step" in line and "triton" in line for line in ids)
+    assert run.stdout.splitlines()[-1] == "changed []"
 
 
 def test_demo_without_its_extra_says_what_to_install(monkeypatch, capsys):

@@ -1,11 +1,13 @@
-"""scripts/gpu_check.py and gpu_bench.py, the parts that run without a GPU: argument handling,
-skip reasons, the tools' output parsers, the checks against the targets, the summary files.
+"""``make gpu-check`` (fused_lr/tools/bench/gpu_check.py) and its GPU workloads (gpu.py), the parts
+that run without a GPU: argument handling, skip reasons, the tools' output parsers, the checks against
+the targets, the summary files, and the wiring from the make rule to the workloads' processes.
 Stand-in tools (small shell scripts) take the place of ncu and compute-sanitizer."""
 
-import importlib.util
 import json
 import os
+import re
 import stat
+import subprocess
 import sys
 import tarfile
 import time
@@ -13,19 +15,11 @@ from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from fused_lr.tools.bench import gpu as gb
+from fused_lr.tools.bench import gpu_check as gc
+from fused_lr.tools.bench import recipe
 
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-gc = load("gpu_check")
-gb = load("gpu_bench")
+ROOT = Path(__file__).resolve().parent.parent
 
 NO_GPU = dict(cuda=False, cuda_note="torch.cuda.is_available() is False")
 GPU = dict(cuda=True, device=dict(name="Fake GPU", capability=[9, 0], sms=132, memory_gib=79.1),
@@ -118,6 +112,36 @@ def test_out_defaults_to_the_environment_variable(monkeypatch, tmp_path):
     monkeypatch.delenv("GPU_CHECK_OUT")
     _, args = gc.parse_args([])
     assert args.out == Path("out/gpu-check")
+
+
+def test_make_gpu_check_runs_the_package_with_no_torch_in_its_own_process():
+    # the rule a bare GPU machine runs: its own python3, nothing installed yet; the orchestrator
+    # itself imports no torch (each workload does, in its own process)
+    rule = re.search(r"^gpu-check:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1)
+    assert rule == "$(GPU_PYTHON) -m fused_lr.tools.bench gpu-check --out $(GPU_CHECK_OUT)"
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "fused_lr.tools.bench", "gpu-check", "--list"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert all(it.name in run.stdout for it in gc.items())
+    imported = {ln.split("|")[-1].strip().split(".")[0] for ln in run.stderr.splitlines()
+                if ln.startswith("import time")}
+    assert "fused_lr" in imported and not imported & {"torch", "numpy", "numba"}, sorted(imported)
+
+
+def test_the_env_item_runs_its_workload_through_the_package(tmp_path):
+    # the real subprocess: `python -m fused_lr.tools.bench gpu env --json ...` from the checkout
+    ctx = ctx_for(tmp_path, env={})
+    r = gc.item_env(ctx, item("env"), 120)
+    assert " -m fused_lr.tools.bench gpu env --json " in (tmp_path / "env.log").read_text()
+    data = json.loads((tmp_path / "env.json").read_text())
+    assert data["python"] == sys.version.split()[0] and "packages" in data
+    if not data["cuda"]:
+        assert r.status == "fail" and r.checks[0].value == data["cuda_note"]
+
+
+def test_the_workloads_share_the_step_and_its_names():
+    assert gc.TORCH == gb.TORCH == recipe.BASELINE  # the summary reads the workload's contenders by name
+    assert gc.FUSED_BACKENDS == gb.FUSED_BACKENDS
 
 
 # ------------------------------------------------------------------------------ skips
@@ -408,7 +432,7 @@ def test_summary_lists_items_checks_and_the_step_table(tmp_path):
     assert report["targets"]["eager_speedup"] == gc.EAGER_SPEEDUP
 
 
-# ------------------------------------------------------------------------------ gpu_bench's trace counts
+# ------------------------------------------------------------------------------ gpu.py's trace counts
 
 def ev(cat, name, ts, dur=1.0):
     return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur)

@@ -1,4 +1,4 @@
-"""The ``fused-lr`` command: ``demo`` (and ``demo --compare``), ``bench``, ``info``.
+"""The ``fused-lr`` command: ``demo`` (and ``demo --compare``), ``bench`` (fused_lr/tools/bench/), ``info``.
 
 Start-up imports nothing heavy: ``--help``, ``--version`` and argument errors answer without
 torch, and each command imports what it uses. The demo's extra packages (``fused_lr[demo]``)
@@ -38,7 +38,9 @@ class UsageError(CommandError):
     exit_code = 2
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors in one line (the benchmarks' parsers are ones too)."""
+
     def error(self, message: str):
         # one line instead of argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -70,7 +72,7 @@ _positive_int, _non_negative_int = _integer(1), _integer(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fused-lr", description="fused_lr: clipping, weight decay, momentum and a scheduled "
+    parser = OneLineParser(prog="fused-lr", description="fused_lr: clipping, weight decay, momentum and a scheduled "
                      "lr in one fused optimizer step.")
     parser.add_argument("--version", action="version", version=f"fused_lr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,info}")
@@ -82,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a small ResNet on scikit-learn's digits with a fused optimizer",
         description="Train fused_lr.tools.models.digits_resnet on scikit-learn's 8x8 handwritten digits (fixed 75/25 "
                     "split) with the fused --optimizer: linear warm-up then --schedule, global-norm clipping, no "
-                    "weight decay on BN/bias. Prints the held-out accuracy and writes demo.png (loss, accuracy, lr, "
-                    "gradient norm per step) and demo.json to --out. With --compare: FusedSGD under each classic "
-                    f"schedule ({', '.join(COMPARED)}), the adaptive strategies "
+                    "weight decay on BN/bias. Prints the held-out accuracy and writes demo-OPTIMIZER.png (loss, "
+                    "accuracy, lr, gradient norm per step) and demo-OPTIMIZER.json to --out. With --compare: "
+                    f"FusedSGD under each classic schedule ({', '.join(COMPARED)}), the adaptive strategies "
                     f"({', '.join(r.name for r in ADAPTIVE)}) and stock torch.optim.SGD + clip_grad_norm_ + "
                     f"CosineAnnealingLR as the control, {COMPARE_EPOCHS} epochs each by default, no warm-up; writes "
                     f"compare.png, compare.csv and compare.json. Optimizer defaults: {defaults}.")
@@ -130,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     # bench parses its own arguments (fused_lr.tools.bench.main); main() hands it everything after "bench"
-    sub.add_parser("bench", add_help=False, help="optimizer-step benchmarks (fused-lr bench --help for options)")
+    sub.add_parser("bench", add_help=False, help="the benchmarks: the CPU step (default), --host, fsdp, gpu, gpu-check "
+                   "(fused-lr bench --help)")
     info = sub.add_parser("info", help="versions, device and which backends are usable here")
     info.set_defaults(func=_info)
     return parser
@@ -170,10 +173,11 @@ def _check_backend(name: str, device) -> None:
 
 
 @contextmanager
-def _output_folder(out: Path):
-    """Makes --out (and its missing parents) and checks that it takes a file, before anything is
-    trained. When the command then fails (a setting the optimizer rejects, a diverging run, ^C),
-    the folders it made are removed again if still empty: a failed command leaves nothing behind."""
+def output_folder(out: Path, option: str = "--out"):
+    """Makes ``out`` (and its missing parents) and checks that it takes a file, before anything is
+    trained or timed; an error names it as ``option``. When the command then fails (a setting the
+    optimizer rejects, a diverging run, ^C), the folders it made are removed again if still empty:
+    a failed command leaves nothing behind."""
     made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first, as rmdir needs
     try:
         try:
@@ -181,7 +185,7 @@ def _output_folder(out: Path):
             with tempfile.TemporaryFile(dir=out):
                 pass
         except OSError as e:
-            raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
+            raise UsageError(f"cannot write to {option} {out}: {e.strerror or e}") from None
         yield
     except BaseException:
         for folder in made:
@@ -223,7 +227,7 @@ def _demo(args: argparse.Namespace) -> int:
     if console is not None and not console.is_terminal:
         console.width = 120  # a log gets the final state of each bar: keep the metrics on one line
     try:
-        with _output_folder(args.out), _cpu_threads(args.threads):
+        with output_folder(args.out), _cpu_threads(args.threads):
             (run_compare if args.compare else run_demo)(config, args.out, console)
     except ConfigError as e:
         raise UsageError(str(e)) from None

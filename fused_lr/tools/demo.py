@@ -369,7 +369,8 @@ def _rate(power: float) -> str:
 
 
 def run_demo(config: Config, out: Path, progress_console: Console | None = None) -> History:
-    """Train once with ``config.optimizer``, print the test accuracy, write ``demo.png`` and ``demo.json``."""
+    """Train once with ``config.optimizer``, print the test accuracy, write ``demo-OPTIMIZER.png`` and
+    ``demo-OPTIMIZER.json`` (named by the optimizer, so the runs of different optimizers sit side by side)."""
     device, data, steps, per_epoch = _prepare(config)
     warmup = default_warmup(steps) if config.warmup is None else config.warmup
     if warmup >= steps:
@@ -385,7 +386,7 @@ def run_demo(config: Config, out: Path, progress_console: Console | None = None)
     with _progress(progress_console) as progress:
         history = train(config, data, run, progress, warmup=warmup, time_steps=device.type == "cpu")
     wall = time.perf_counter() - start
-    png, js = out / "demo.png", out / "demo.json"
+    png, js = out / f"demo-{config.optimizer}.png", out / f"demo-{config.optimizer}.json"
     plot_run(history, png, max_grad_norm=config.max_grad_norm, warmup=warmup)
     js.write_text(json.dumps({"config": asdict(config), "warmup": warmup, "wall_time_s": wall, **asdict(history),
                               "final_test_acc": history.final_test_acc}, indent=1))

@@ -1,5 +1,5 @@
-"""FSDP2 step benchmark: the Numba step on each rank's local shards against the same step on a
-plain model of the shard's size.
+"""FSDP2 step benchmark (``fused-lr bench fsdp``, ``make bench-fsdp``): the Numba step on each
+rank's local shards against the same step on a plain model of the shard's size.
 
 Spawns gloo ranks on the CPU (torch.multiprocessing), each building the same stack of
 ``nn.Linear`` layers, ``fully_shard``-ing every layer and the root (as tests/test_fsdp.py does) and
@@ -24,8 +24,8 @@ has nothing to reduce), reported apart and left out of the verdict.
 
 Threads: every rank gets ``--threads`` torch and Numba workers (default: the cores divided by the
 ranks, at least one; so one each for 2 ranks on a 2-core machine), set through
-``NUMBA_NUM_THREADS`` and ``OMP_NUM_THREADS`` before the ranks start, so ranks never oversubscribe
-the cores and fight at OpenMP/Numba barriers.
+``NUMBA_NUM_THREADS`` and ``OMP_NUM_THREADS`` for the ranks' start only (the calling process's
+environment is put back), so ranks never oversubscribe the cores and fight at OpenMP/Numba barriers.
 
 A step that leaves the Numba backend for the reference (the optimizer warns once and
 ``opt.backend`` says "reference") stops the run with an error: the figure would not be the
@@ -36,7 +36,7 @@ Memory-bound: the default size (64 M parameters, 32 M a rank) makes one round of
 smaller ``--mparams`` lets a step find data the previous one left in the cache, and the run then
 prints a note saying so (the caches are read from /sys).
 
-Disturbance (as fused-lr bench judges it, fused_lr/tools/bench.py): the 1-minute load average at
+Disturbance (as every benchmark judges it, common.py): the 1-minute load average at
 the start and the end beyond the ranks' own threads, and each contender's median step more than
 25 % above its fastest. The step's semantics are docs/step.md's.
 """
@@ -50,20 +50,22 @@ import math
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+
+from fused_lr.tools.bench import common
 
 LIMIT = 1.10  # the target: the sharded step within 10 % of the unsharded one
 WIDTH_MULTIPLE = 8  # layer widths rounded to whole 32-byte rows
 LR, WEIGHT_DECAY, MAX_GRAD_NORM, T_MAX = 1e-3, 1e-2, 1.0, 10_000
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Example: python scripts/fsdp_bench.py --optimizer adamw --clip")
+def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = common.parser("fused-lr bench fsdp", __doc__.split("\n\n")[0],
+                           "Example: fused-lr bench fsdp --optimizer adamw --clip")
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                         help="FusedSGD(momentum=0.9) or FusedAdamW (default sgd)")
     parser.add_argument("--mparams", type=float, default=64.0,
@@ -92,7 +94,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1")
     if args.warmup < 0 or args.mparams <= 0:
         parser.error("--warmup must be >= 0 and --mparams > 0")
-    return args
+    return parser, args
 
 
 def width_for(mparams: float, layers: int, world: int) -> int:
@@ -209,12 +211,10 @@ def measure(cfg: dict) -> dict:
 def worker(rank: int, cfg: dict, tmp: str) -> None:
     import torch.distributed as dist
 
-    from fused_lr.tools.bench import set_threads
-
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=cfg["world"],
                             timeout=datetime.timedelta(seconds=300))
     try:
-        set_threads(cfg["threads"])
+        common.set_threads(cfg["threads"])
         result = measure({**cfg, "rank": rank})
         Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -234,8 +234,6 @@ def summarise(result: dict) -> dict:
 
 
 def report(results: list[dict], cfg: dict, load: tuple[float, float]) -> tuple[list[str], bool, list[str]]:
-    from fused_lr.tools.bench import disturbance, last_level_cache_bytes, verdict
-
     lines, ratios, spreads = [], [], {}
     for res in results:
         s = res["summary"] = summarise(res)
@@ -262,34 +260,56 @@ def report(results: list[dict], cfg: dict, load: tuple[float, float]) -> tuple[l
     met = ratios[worst] <= LIMIT
     lines.append(f"verdict: the FSDP2 numba step is {'within' if met else 'NOT within'} 10% of the unsharded step of "
                  f"the shard's size on every rank (worst: rank {worst}, {ratios[worst]:.3f} by medians)")
-    cache = last_level_cache_bytes()
+    cache = common.last_level_cache_bytes()
     # between two steps of one contender every contender steps once on every rank
     touched = sum(r["step_bytes"] for r in results) * len({n.removesuffix(" clip") for n in results[0]["times_ms"]})
     if cache is not None and touched < 2 * cache:
         lines.append(f"note: a round of steps touches {touched / 2**20:.0f} MiB, under twice the "
                      f"{cache / 2**20:.0f} MiB last-level cache: steps may find data the previous one left there "
                      f"(not memory-bound); raise --mparams")
-    reasons = disturbance(load[0], load[1], cfg["world"] * cfg["threads"], spreads, 1.0, 1.0)
-    lines.append(verdict(reasons) if reasons else "undisturbed: load average and median/fastest within limits")
+    reasons = common.disturbance(load[0], load[1], cfg["world"] * cfg["threads"], spreads, 1.0, 1.0)
+    lines.append(common.verdict(reasons) if reasons else "undisturbed: load average and median/fastest within limits")
     return lines, met, reasons
 
 
+@contextmanager
+def environ(values: dict[str, str]):
+    """``values`` in os.environ for the block (what child processes started in it inherit), then
+    the variables as they were."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    # read by Numba and OpenMP when a rank starts: each rank's pools hold --threads workers
-    os.environ["NUMBA_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    parser, args = parse(argv)
+    if args.json is None:
+        return run(args)
+    return common.run_into(parser, args.json.parent, lambda: run(args), "--json's folder")
+
+
+def run(args: argparse.Namespace) -> int:
     import torch.multiprocessing as mp
 
     width = width_for(args.mparams, args.layers, args.world)
     cfg = dict(optimizer=args.optimizer, layers=args.layers, width=width, dtype=args.dtype,
                weight_decay=args.weight_decay, world=args.world, threads=args.threads, repeat=args.repeat,
                warmup=args.warmup, clip=args.clip, views=args.views)
-    print(f"fsdp_bench: {args.optimizer}, {args.layers} x nn.Linear({width}, {width}), {args.world} gloo ranks x "
-          f"{args.threads} thread(s), {args.repeat} timed steps per contender, max_grad_norm=None"
+    print(f"fused-lr bench fsdp: {args.optimizer}, {args.layers} x nn.Linear({width}, {width}), {args.world} gloo "
+          f"ranks x {args.threads} thread(s), {args.repeat} timed steps per contender, max_grad_norm=None"
           f"{' (and 1.0 with --clip)' if args.clip else ''}", flush=True)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fsdp_bench") as tmp:
+    # read by Numba and OpenMP when a rank starts: each rank's pools hold --threads workers
+    threads = dict(NUMBA_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    with tempfile.TemporaryDirectory(prefix="fsdp_bench") as tmp, environ(threads):
         mp.spawn(worker, args=(cfg, tmp), nprocs=args.world, join=True)
         results = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(args.world)]
     load_after = os.getloadavg()[0]
@@ -297,11 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     print(f"(load average {load_before:.2f} -> {load_after:.2f}, {time.perf_counter() - t0:.0f} s)")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(config=cfg, load=[load_before, load_after], within_10pct=met,
                                              disturbed=reasons, ranks=results), indent=2))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,13 @@
-"""``make gpu-check``: every GPU check of fused_lr in one command, for a bare GPU machine.
+"""``make gpu-check`` (``python3 -m fused_lr.tools.bench gpu-check``): every GPU check of fused_lr
+in one command, for a bare GPU machine.
 
 Each item runs in its own subprocess under its own time limit, and the run goes on after a
 failure. Everything lands in one folder (--out, else $GPU_CHECK_OUT, else out/gpu-check):
 summary.md and summary.json (pass/fail/skip per item, each check's value and target), every
-item's log, the JSON its workload wrote (scripts/gpu_bench.py), pytest's JUnit XML and the
-profiler traces. The machine's own python with a CUDA build of torch runs everything; the
+item's log, the JSON its workload wrote (gpu.py, ``fused-lr bench gpu``), pytest's JUnit XML and
+the profiler traces. The machine's own python with a CUDA build of torch runs everything; the
 extension is built there offline (no build isolation, nothing fetched). ``--list`` shows the
-items and their time budgets.
+items and their time budgets. This module imports no torch: the workloads do, in their processes.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "scripts" / "gpu_bench.py"
+from fused_lr.tools.bench import common
+
+ROOT = Path(__file__).resolve().parents[3]  # the checkout: fused_lr/tools/bench/ is three folders down
+BENCH = ("-m", "fused_lr.tools.bench", "gpu")  # the workloads (gpu.py), each run as `python -m ... gpu NAME`
 TOTAL_BUDGET = 465  # seconds: the whole check ends inside 8 minutes, archive included
 MIN_START = 10  # seconds: an item is not started with less than this left
 MARKER = ".gpu-check"  # marks a folder this script wrote, so a re-run may empty it
@@ -42,7 +45,7 @@ EAGER_SPEEDUP = 1.25  # ResNet-50 fp32 clipped step, eager wall time, over torch
 GRAPH_SPEEDUP = 1.3  # the same, both steps captured in CUDA graphs (GPU time per replay)
 UPDATE_FRACTION = 0.85  # the update kernel's bandwidth over the copy probe's
 LAUNCHES_PER_BUCKET = 4  # GPU operations per dtype bucket per step
-TORCH = "torch fused"  # gpu_bench's name for torch's SGD(fused=True) + clip_grad_norm_(foreach=True)
+TORCH = "torch fused"  # recipe.BASELINE: gpu.py's name for torch's SGD(fused=True) + clip_grad_norm_
 FUSED_BACKENDS = ("cuda", "triton")
 
 # Where a tool may live when it is not on PATH: the CUDA toolkit's folders and Nsight Compute's.
@@ -205,10 +208,17 @@ def from_checks(name: str, proc: Proc, checks: list[Check], data: dict, passed: 
 
 # ------------------------------------------------------------------------------ items
 
+def workload(ctx: Ctx, name: str, stem: str, timeout: float, *args) -> tuple[Proc, Path, dict | None]:
+    """Runs ``fused-lr bench gpu NAME ARGS --json STEM.json`` (gpu.py) in its own process, its output
+    into STEM.log; returns the process, the JSON's path and what it holds (None: nothing readable)."""
+    path = ctx.out / f"{stem}.json"
+    proc = run_cmd([ctx.python, *BENCH, name, *args, "--json", path], ctx.out / f"{stem}.log", timeout, child_env())
+    return proc, path, load_json(path)
+
+
 def item_env(ctx: Ctx, item: Item, timeout: float) -> Result:
-    path = ctx.out / "env.json"
-    proc = run_cmd([ctx.python, BENCH, "env", "--json", path], ctx.out / "env.log", timeout, child_env())
-    data = load_json(path) or dict(cuda=False, cuda_note=f"the env probe failed: {last_error(proc.text())}")
+    proc, path, data = workload(ctx, "env", "env", timeout)
+    data = data or dict(cuda=False, cuda_note=f"the env probe failed: {last_error(proc.text())}")
     data["tools"] = {name: None if p is None else dict(path=p, version=tool_version(p))
                      for name, p in ctx.tools.items()}
     if ctx.tools.get("nvidia-smi"):
@@ -268,9 +278,7 @@ def item_build(ctx: Ctx, item: Item, timeout: float) -> Result:
 
 
 def item_backends(ctx: Ctx, item: Item, timeout: float) -> Result:
-    path = ctx.out / "backends.json"
-    proc = run_cmd([ctx.python, BENCH, "backends", "--json", path], ctx.out / "backends.log", timeout, child_env())
-    data = load_json(path)
+    proc, _, data = workload(ctx, "backends", "backends", timeout)
     if data is None:
         return failed(item.name, proc, "backends probe")
     found = data.get("backends", {})
@@ -280,9 +288,7 @@ def item_backends(ctx: Ctx, item: Item, timeout: float) -> Result:
 
 
 def item_copy(ctx: Ctx, item: Item, timeout: float) -> Result:
-    path = ctx.out / "copy-probe.json"
-    proc = run_cmd([ctx.python, BENCH, "copy", "--json", path], ctx.out / "copy-probe.log", timeout, child_env())
-    data = load_json(path)
+    proc, _, data = workload(ctx, "copy", "copy-probe", timeout)
     if data is None:
         return failed(item.name, proc, "copy probe")
     gbps = data.get("gbps", 0.0)
@@ -303,7 +309,7 @@ def ratio_check(name: str, base: float | None, new: float | None, target: float,
 
 
 def step_checks(data: dict, speed_targets: bool) -> list[Check]:
-    """Pass/fail lines for one ``gpu_bench.py step`` result. The speed targets (issue 12) are
+    """Pass/fail lines for one ``gpu.py step`` result. The speed targets (issue 12) are
     for fp32; syncs, launches and graph equality hold for every dtype."""
     contenders, errors = data.get("contenders", {}), data.get("errors", {})
     base = contenders.get(TORCH, {})
@@ -366,11 +372,8 @@ def step_checks(data: dict, speed_targets: bool) -> list[Check]:
 
 def item_step(dtype: str) -> Callable:
     def run(ctx: Ctx, item: Item, timeout: float) -> Result:
-        path = ctx.out / f"{item.name}.json"
-        cmd = [ctx.python, BENCH, "step", "--dtype", dtype, "--json", path, "--trace-dir", ctx.out / "traces",
-               "--copy-json", ctx.out / "copy-probe.json"]
-        proc = run_cmd(cmd, ctx.out / f"{item.name}.log", timeout, child_env())
-        data = load_json(path)
+        proc, _, data = workload(ctx, "step", item.name, timeout, "--dtype", dtype, "--trace-dir", ctx.out / "traces",
+                                 "--copy-json", ctx.out / "copy-probe.json")
         if data is None:
             return failed(item.name, proc, f"ResNet-50 {dtype} step")
         checks = step_checks(data, speed_targets=dtype == "float32")
@@ -414,7 +417,7 @@ def item_ncu(ctx: Ctx, item: Item, timeout: float) -> Result:
         info = ctx.out / f"ncu-{b}.json"
         cmd = [ctx.tools["ncu"], "--profile-from-start", "off", "--kernel-name", "regex:update", "--launch-count", "1",
                "--clock-control", "none", "--metrics", "dram__bytes.sum,gpu__time_duration.sum", "--csv",
-               "--print-units", "base", ctx.python, BENCH, "kernel", "--backend", b, "--dtype", "float32",
+               "--print-units", "base", ctx.python, *BENCH, "kernel", "--backend", b, "--dtype", "float32",
                "--json", info]
         start = log.stat().st_size if log.exists() else 0
         proc = run_cmd(cmd, log, share, child_env(LC_ALL="C"), append=True)
@@ -452,7 +455,7 @@ def item_ncu(ctx: Ctx, item: Item, timeout: float) -> Result:
 def item_memcheck(ctx: Ctx, item: Item, timeout: float) -> Result:
     log, path = ctx.out / "memcheck.log", ctx.out / "memcheck.json"
     cmd = [ctx.tools["compute-sanitizer"], "--tool", "memcheck", "--error-exitcode", "99", "--print-limit", "20",
-           ctx.python, BENCH, "sanitize", "--json", path]
+           ctx.python, *BENCH, "sanitize", "--json", path]
     # without torch's caching allocator every tensor is its own allocation, so an access past
     # a tensor's end is outside any allocation and memcheck sees it
     proc = run_cmd(cmd, log, timeout, child_env(PYTORCH_NO_CUDA_MEMORY_CACHING="1"))
@@ -698,8 +701,8 @@ def write_archive(out: Path, archive: Path) -> None:
 # ------------------------------------------------------------------------------ command line
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0],
-                                     epilog="Exit status: 0 when no item failed (skips allowed), 1 otherwise.")
+    parser = common.parser("fused-lr bench gpu-check", __doc__.split("\n\n")[0],
+                           "Exit status: 0 when no item failed (skips allowed), 1 otherwise.")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("GPU_CHECK_OUT") or "out/gpu-check"),
                         help="the folder for everything (default $GPU_CHECK_OUT or out/gpu-check); emptied first "
                              "when an earlier gpu-check wrote it")
@@ -741,7 +744,7 @@ def prepare_out(parser: argparse.ArgumentParser, out: Path) -> Path:
             parser.error(f"--out {out} is not empty and no earlier gpu-check wrote it; choose an empty or new folder")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by scripts/gpu_check.py; a re-run empties this folder\n")
+    (out / MARKER).write_text("written by fused-lr bench gpu-check (make gpu-check); a re-run empties this folder\n")
     return out
 
 
@@ -777,6 +780,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"archive: {args.archive}")
     return 1 if counts(results)["fail"] else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,14 @@
-"""The GPU workloads of ``make gpu-check``: scripts/gpu_check.py runs each subcommand in its own
-process and turns the JSON it writes into pass/fail lines.
+"""The GPU workloads of ``make gpu-check`` (``fused-lr bench gpu WORKLOAD``): gpu_check.py runs
+each in its own process and turns the JSON it writes into pass/fail lines.
 
   env       python, package versions and the device
   backends  fused_lr.available_backends()
   copy      the copy-bandwidth probe: a device-to-device copy, bytes read + written per second
-  step      the ResNet-50 optimizer step, torch ``SGD(fused=True)`` + ``clip_grad_norm_(foreach=True)``
-            + ``CosineAnnealingLR`` against ``FusedSGD(backend="cuda"|"triton")``: host time, synchronised
-            wall time, GPU time over CUDA-graph replays, launches and syncs from a profiler trace, a
-            blocking check, and 100 graph replays against 100 eager steps
+  step      the ResNet-50 optimizer step of recipe.py, torch ``SGD(fused=True)`` +
+            ``clip_grad_norm_(foreach=True)`` + ``CosineAnnealingLR`` against
+            ``FusedSGD(backend="cuda"|"triton")``: host time, synchronised wall time, GPU time over
+            CUDA-graph replays, launches and syncs from a profiler trace, a blocking check, and 100
+            graph replays against 100 eager steps
   kernel    a driver for ncu: warm-up steps, then one step between cudaProfilerStart and Stop
   sanitize  a driver for compute-sanitizer: small mixed-dtype steps on both backends
 
@@ -17,7 +18,6 @@ available_backends), so the backends' internals can change under it.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -30,15 +30,26 @@ import sysconfig
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-# the ResNet step of fused_lr/tools/bench.py: clip at 1.0, decay 5e-4 on conv/linear weights,
-# momentum 0.9, cosine over a period long enough that the lr never reaches 0 here
-LR, MOMENTUM, WEIGHT_DECAY, MAX_GRAD_NORM, T_MAX = 0.1, 0.9, 5e-4, 1.0, 10_000
-TORCH = "torch fused"
+from fused_lr.tools.bench import common
+from fused_lr.tools.bench.recipe import (
+    BASELINE,
+    LR,
+    MAX_GRAD_NORM,
+    MOMENTUM,
+    WEIGHT_DECAY,
+    Step,
+    fused_step,
+    model_with_grads,
+    parameter_groups,
+    torch_step,
+)
+
+TORCH = BASELINE
 FUSED_BACKENDS = ("cuda", "triton")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 STEP_PASSES = 6  # a clipped step at the minimum: g read for the norm; p, g, b read; p, b written
@@ -180,13 +191,6 @@ def copy_probe(mib: int, repeat: int = 20) -> dict:
 
 # ---------------------------------------------------------------------------------- the step
 
-@dataclass
-class Contender:
-    name: str
-    step: Callable[[], None]  # one eager step, the lr schedule's host side included
-    device_step: Callable[[], None]  # the part a CUDA graph captures
-
-
 def resnet50_size() -> tuple[int, int]:
     """(elements, tensors) of ResNet-50's parameters, from a model on the meta device (no memory)."""
     from fused_lr.tools.models import resnet50
@@ -200,56 +204,25 @@ def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype, device="meta").element_size()
 
 
-def resnet50_with_grads(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """ResNet-50's parameters on the GPU in ``dtype``, with random gradients (same seed, same numbers)."""
-    from fused_lr.tools.models import resnet50
-
-    torch.manual_seed(seed)
-    net = resnet50().to(device="cuda", dtype=dtype)
-    for p in net.parameters():
-        p.grad = torch.randn_like(p)
-    return net
+def torch_contender(dtype: torch.dtype) -> Step:
+    """recipe.py's torch step, fused implementation, on ResNet-50's parameters on the GPU."""
+    return torch_step(parameter_groups("resnet50", device="cuda", dtype=dtype), "fused")
 
 
-def torch_contender(dtype: torch.dtype) -> Contender:
-    from fused_lr import param_groups
-
-    net = resnet50_with_grads(dtype)
-    params = list(net.parameters())
-    opt = torch.optim.SGD(param_groups(net, WEIGHT_DECAY), lr=LR, momentum=MOMENTUM, fused=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_MAX)
-
-    def device_step():
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM, foreach=True)
-        opt.step()
-
-    def step():
-        device_step()
-        sched.step()
-
-    return Contender(TORCH, step, device_step)
+def fused_contender(backend: str, dtype: torch.dtype) -> Step:
+    """recipe.py's FusedSGD step on ResNet-50's parameters on the GPU (same seed, same numbers)."""
+    return fused_step(parameter_groups("resnet50", device="cuda", dtype=dtype), backend)
 
 
-def fused_contender(backend: str, dtype: torch.dtype) -> Contender:
-    from fused_lr import FusedSGD, param_groups, schedules
-
-    net = resnet50_with_grads(dtype)
-    opt = FusedSGD(param_groups(net, WEIGHT_DECAY), lr=LR, momentum=MOMENTUM, max_grad_norm=MAX_GRAD_NORM,
-                   schedule=schedules.Cosine(T_MAX), backend=backend)
-
-    def step():
-        opt.step()
-
-    return Contender(f"fused_lr {backend}", step, step)
-
-
-def capture(fn: Callable[[], None], warmup: int = WARMUP) -> torch.cuda.CUDAGraph:
-    """``fn`` captured in a CUDA graph, after ``warmup`` calls on a side stream (torch's recipe)."""
+def capture(fn: Callable[[], None], warmup: int = WARMUP, warm: Callable[[], None] | None = None
+            ) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph, after ``warmup`` calls of ``warm`` (default ``fn``) on a side
+    stream (torch's recipe)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
-            fn()
+            (warm or fn)()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -257,7 +230,7 @@ def capture(fn: Callable[[], None], warmup: int = WARMUP) -> torch.cuda.CUDAGrap
     return graph
 
 
-def host_ms(c: Contender, steps: int) -> float:
+def host_ms(c: Step, steps: int) -> float:
     """Median host time of one step() call, issued to an idle device."""
     out = []
     for _ in range(steps):
@@ -269,7 +242,7 @@ def host_ms(c: Contender, steps: int) -> float:
     return statistics.median(out) * 1e3
 
 
-def wall_ms(contenders: list[Contender], rounds: int, steps: int) -> dict[str, float]:
+def wall_ms(contenders: list[Step], rounds: int, steps: int) -> dict[str, float]:
     """Synchronised wall time per step: ``steps`` eager steps then a sync, median over rounds;
     the contenders take turns, so a change in machine state hits them alike."""
     times = {c.name: [] for c in contenders}
@@ -296,7 +269,7 @@ def graph_ms(graphs: dict[str, torch.cuda.CUDAGraph], rounds: int, replays: int)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def profile_counts(c: Contender, steps: int, path: Path) -> dict:
+def profile_counts(c: Step, steps: int, path: Path) -> dict:
     """Launches and syncs per step from a torch.profiler trace (CPU + CUDA activities), which
     also sees calls made through the extension's own statically linked CUDA runtime. The trace
     is kept, gzipped, at ``path``."""
@@ -328,7 +301,7 @@ def sleep_cycles(ms: float) -> int | None:
     return max(1, int(cycles * ms / took))
 
 
-def blocking(c: Contender, cycles: int | None) -> dict | None:
+def blocking(c: Step, cycles: int | None) -> dict | None:
     """Does step() wait for the device? A kernel of SLEEP_MS is queued first: a step that syncs
     returns only after it, one that does not returns at once. Independent of any API trace."""
     if cycles is None:
@@ -358,7 +331,7 @@ def graph_matches_eager(backend: str, dtype: torch.dtype, steps: int) -> dict:
     from fused_lr import FusedSGD, param_groups, schedules
 
     def build():
-        net = resnet50_with_grads(dtype)
+        net = model_with_grads("resnet50", device="cuda", dtype=dtype)
         opt = FusedSGD(param_groups(net, WEIGHT_DECAY), lr=LR, momentum=MOMENTUM, nesterov=True,
                        max_grad_norm=MAX_GRAD_NORM, backend=backend,
                        schedule=schedules.Warmup(10, schedules.Cosine(steps), start_factor=0.1))
@@ -384,15 +357,7 @@ def graph_matches_eager(backend: str, dtype: torch.dtype, steps: int) -> dict:
         opt_g.step()
         k += 1
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP):
-            warm_step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt_g.step()  # captured, not run
+    graph = capture(opt_g.step, warm=warm_step)  # the step is captured, not run
     for k in range(WARMUP, WARMUP + steps):
         fill(graphed, k)
         graph.replay()
@@ -426,11 +391,12 @@ def step_bench(dtype_name: str, trace_dir: Path, copy_gbps: float | None, equal_
     out = dict(dtype=dtype_name, numel=numel, tensors=tensors, buckets=1, bytes_per_step=STEP_PASSES * numel * size,
                update_bytes=UPDATE_PASSES * numel * size, copy_gbps=copy_gbps, contenders={}, graph_equal={},
                errors={})
+    builders = {TORCH: partial(torch_contender, dtype),
+                **{f"fused_lr {b}": partial(fused_contender, b, dtype) for b in FUSED_BACKENDS}}
     contenders = []
-    for make, arg in [(torch_contender, None), *((fused_contender, b) for b in FUSED_BACKENDS)]:
-        name = TORCH if arg is None else f"fused_lr {arg}"
+    for name, build in builders.items():
         try:
-            c = make(dtype) if arg is None else make(arg, dtype)
+            c = build()
             for _ in range(WARMUP):
                 c.step()
             torch.cuda.synchronize()
@@ -523,11 +489,18 @@ def sanitize_driver(device: str = "cuda", backends: tuple[str, ...] = FUSED_BACK
 
 # ---------------------------------------------------------------------------------- command line
 
+WORKLOADS = {"env": "python, package versions and the device", "backends": "fused_lr.available_backends()",
+             "copy": "the copy-bandwidth probe", "step": "the ResNet-50 step: torch fused against cuda and triton",
+             "kernel": "a driver for ncu: one step between cudaProfilerStart and Stop",
+             "sanitize": "a driver for compute-sanitizer: small mixed-dtype steps on both backends"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("env", "backends", "copy", "step", "kernel", "sanitize"):
-        p = sub.add_parser(name)
+    parser = common.parser("fused-lr bench gpu", __doc__.split("\n\n")[0] + " Each prints or writes (--json) its "
+                           "result.")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{" + ",".join(WORKLOADS) + "}")
+    for name, about in WORKLOADS.items():
+        p = sub.add_parser(name, help=about, description=about)
         p.add_argument("--json", type=Path, help="where to write the result (default: print it)")
         if name == "copy":
             p.add_argument("--mib", type=int, default=512, help="size of the copied buffer (default 512 MiB)")
@@ -566,6 +539,3 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
