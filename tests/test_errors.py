@@ -45,9 +45,9 @@ def test_bad_parameters():
     p = params(2)
     with pytest.raises(TypeError, match="dtype torch.int64"):
         FusedSGD([p[0], torch.zeros(3, dtype=torch.int64)], lr=0.1)
-    with pytest.raises(ValueError, match="given twice"):
+    with pytest.raises(ValueError, match="listed twice"):
         FusedSGD([p[0], p[1], p[0]], lr=0.1)
-    with pytest.raises(ValueError, match="given twice"):
+    with pytest.raises(ValueError, match="listed twice"):
         FusedSGD([dict(params=[p[0]]), dict(params=[p[0]])], lr=0.1)
     with pytest.raises(ValueError, match="one device"):
         FusedSGD([p[0], torch.nn.Parameter(torch.zeros(3, device="meta"))], lr=0.1)

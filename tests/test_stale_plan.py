@@ -420,11 +420,15 @@ def _child(backend: str) -> None:
         print(json.dumps(["pass", name]), flush=True)
 
 
-@pytest.mark.parametrize("impl", ["compiled", "python"])
+# the check in use here in the default run, the other one with the slow tests (a child costs ~8 s)
+IMPLS = [pytest.param(impl, marks=[] if impl == meta.IMPL else [pytest.mark.slow]) for impl in ("compiled", "python")]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("backend,device", CPU)
 def test_crash_prone_cases_in_a_child_process(backend, device, impl):
     if impl == "compiled" and meta.IMPL != "compiled":
-        pytest.skip("the compiled helper fused_lr._meta is not built here")
+        pytest.skip(f"the compiled helper is not in use here: {meta.WHY_PYTHON}")
     env = {**os.environ, "FUSED_LR_META": "python" if impl == "python" else ""}
     here = Path(__file__).parent
     code = f"import sys; sys.path.insert(0, {str(here)!r}); import test_stale_plan as t; t._child({backend!r})"

@@ -98,6 +98,19 @@ def _same(a: tuple, b: tuple | None) -> bool:
         x is y or (type(x) is not torch.Tensor and type(y) is not torch.Tensor and x == y) for x, y in zip(a, b))
 
 
+def _check_param(p, where: str, seen: set, name: str) -> None:
+    """Raise naming ``where`` unless ``p`` is a floating-point or complex tensor not yet in ``seen``
+    (ids of the parameters met so far, across all groups); then add it."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{where} is a {type(p).__name__}, not a tensor")
+    if not (p.is_floating_point() or p.is_complex()):
+        raise TypeError(f"{where} has dtype {p.dtype}; {name} updates floating-point and complex parameters only")
+    if id(p) in seen:
+        raise ValueError(f"{where} (shape {tuple(p.shape)}) is listed twice; each parameter may appear once across "
+                         f"all groups")
+    seen.add(id(p))
+
+
 def _scalar_count(v) -> bool:
     """Whether ``v`` can be a step count: a real number, or a real tensor of one element."""
     if isinstance(v, torch.Tensor):
@@ -244,15 +257,7 @@ class FusedOptimizer(Optimizer):
         tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # named_parameters() pairs
         name = type(self).__name__
         for i, p in enumerate(tensors):
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"{where}: parameter {i} is a {type(p).__name__}, not a tensor")
-            if not (p.is_floating_point() or p.is_complex()):
-                raise TypeError(f"{where}: parameter {i} has dtype {p.dtype}; {name} updates floating-point and "
-                                f"complex parameters only")
-            if id(p) in seen:
-                raise ValueError(f"{where}: parameter {i} (shape {tuple(p.shape)}) is given twice; each parameter "
-                                 f"may appear once across all groups")
-            seen.add(id(p))
+            _check_param(p, f"{where}, parameter {i}", seen, name)
         devices = {p.device for g in self.param_groups for p in g["params"]} | {p.device for p in tensors}
         if len(devices) > 1:
             raise ValueError(f"{where}: {name} fuses all parameters into one launch, so they must share one "
@@ -486,16 +491,7 @@ class FusedOptimizer(Optimizer):
         seen, devices = set(), set()
         for gi, group in enumerate(groups):
             for i, p in enumerate(group["params"]):
-                where = f"param group {gi}, parameter {i}"
-                if not isinstance(p, torch.Tensor):
-                    raise TypeError(f"{where} is a {type(p).__name__}, not a tensor")
-                if not (p.is_floating_point() or p.is_complex()):
-                    raise TypeError(f"{where} has dtype {p.dtype}; {name} updates floating-point and complex "
-                                    f"parameters only")
-                if id(p) in seen:
-                    raise ValueError(f"{where} (shape {tuple(p.shape)}) is listed twice; each parameter may "
-                                     f"appear once across all groups")
-                seen.add(id(p))
+                _check_param(p, f"param group {gi}, parameter {i}", seen, name)
                 devices.add(p.device)
         if len(devices) > 1:
             raise RuntimeError(f"{name} fuses all parameters into one launch, so they must share one device; got "
