@@ -125,15 +125,12 @@ def cached_jit(**options):
 eval_table = cached_jit()(schedules.eval_table)
 
 
-# Loads in flight, not instructions, bound a read-only pass on one core here: one sequential
-# stream per thread reads ~10 GB/s, far below what the memory system delivers to the update's five
-# streams. So each chunk is read as eight equal slices side by side, each a stream of its own for
-# the hardware prefetchers: ResNet-50's norm pass ran ~30 % faster than with one stream (four
-# gained ~25 %). The slicing is fixed by the chunk list, so the sum is the same on every run and
-# for every thread count; reassoc lets LLVM vectorise the float64 accumulation within that order,
-# and contract fuse each square into its sum (~5 % faster): a float32 value's square is exact in
-# float64, so that changes nothing for float32 gradients, and rounds once instead of twice for
-# float64 ones.
+# The norm reads each chunk as eight equal slices side by side: on one core, loads in flight, not
+# instructions, bound a read-only pass, and eight streams keep enough of them in flight for the
+# hardware prefetchers (benchmarks/README.md, "Kernel design measurements"). The slicing is fixed
+# by the chunk list, so the sum is the same on every run and thread count; reassoc vectorises the
+# float64 accumulation within that order, contract fuses each square into its sum (a float32
+# square is exact in float64; a float64 one then rounds once instead of twice).
 
 
 @njit(inline="always")
@@ -262,13 +259,9 @@ def _commons(cs, flags):
 
 
 # The update loops, software-prefetched, BLOCK elements at a time with hints a block ahead by
-# PREFETCH_BYTES: Adam's square root and two divisions per element fill the reorder buffer with
-# long-latency work, so too few of its loads are in flight for the hardware prefetchers to reach
-# the bandwidth of a plain streaming pass (4-8 % short of it on 8 M float32 elements with both
-# cores here; at it with these hints). SGD's loop gains 3-4 % on ResNet-50 with them. The norm
-# reads eight streams instead (see sumsq); hints on top of those made it 30 % slower. The hint
-# loops stay written out in each rule: a shared helper per array (one loop per array) measured
-# 2 % slower.
+# PREFETCH_BYTES: Adam's square root and divisions keep too few loads in flight for the hardware
+# prefetchers alone to reach streaming bandwidth. The norm takes eight streams instead of hints, and
+# the hint loops stay written out in each rule (benchmarks/README.md, "Kernel design measurements").
 PREFETCH_BYTES, BLOCK = 4096, 64
 
 
