@@ -208,10 +208,14 @@ def test_info_lists_every_backend(capsys):
     assert main(["info"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith(f"torch    {torch.__version__}") for line in lines)
-    listed = {ln.split()[0]: ln for ln in lines[lines.index("backends") + 1 :]}
+    listed = {ln.split()[0]: ln for ln in lines[lines.index("backends") + 1 : -1]}
     assert set(listed) == set(NAMES)
     for name, status in available_backends().items():
         assert ("usable" in listed[name]) if status is True else (f"unavailable: {status}" in listed[name])
+    from fused_lr.core import meta
+
+    assert lines[-1] == ("per-step checks: compiled (fused_lr._meta)" if meta.IMPL == "compiled"
+                         else f"per-step checks: Python ({meta.WHY_PYTHON})")
 
 
 def _unavailable_backend():

@@ -246,7 +246,7 @@ def _cpu_threads(n: int):
 
     try:
         import numba
-    except ImportError:
+    except Exception:  # absent, or broken (its backend then says why: fused-lr info)
         numba = None
     saved = torch.get_num_threads(), numba.get_num_threads() if numba else None
     torch.set_num_threads(n)
@@ -320,6 +320,10 @@ def _info(args: argparse.Namespace) -> int:
     for name, status in backends.available_backends().items():
         where = "/".join(sorted(backends.devices(name)))
         print(f"  {name:<10} " + (f"usable on {where}" if status is True else f"unavailable: {status}"))
+    from fused_lr.core import meta
+
+    print("per-step checks: " + ("compiled (fused_lr._meta)" if meta.IMPL == "compiled" else
+                                 f"Python ({meta.WHY_PYTHON})"))
     return 0
 
 
