@@ -19,6 +19,15 @@ Tables a step hands its kernels:
 * coefficient scratch, float64 ``(T + 1, COEF_COLS)``: per tensor, what the prepare stage
   computed for this step (lr, decoupled-decay factor, first-use flag, rule coefficients); the
   last row holds the step-wide values (clip coefficient, 1/grad_scale, go = not skipped).
+
+Each backend's prepare stage (Numba's ``prepare``, Triton's ``prepare_kernel``, CUDA's
+``rule_coefs``) computes every rule's coefficients once per tensor and step, the same ones, so an
+update loop only reads them; ``LR`` is the tensor's step size, then ``C0``..``C4``:
+
+  SGD      lr;                       momentum, 1 - dampening
+  Adam     lr / (1 - b1^t);          1 - b1, b2, 1 - b2, sqrt(1 - b2^t), eps    (t = step count + 1)
+  RMSprop  lr;                       alpha, 1 - alpha, eps, momentum
+  Adagrad  lr / (1 + (t-1) lr_decay); eps
 """
 
 from __future__ import annotations

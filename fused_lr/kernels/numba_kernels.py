@@ -50,12 +50,12 @@ from fused_lr.core.layout import (
 # Columns of the per-tensor constants ``consts`` (Numba's own prepare stage, below), stored in the
 # tensor's own dtype so the arithmetic is the one torch does with a Python scalar (the scalar
 # rounded to the tensor dtype first): -lr, weight decay, the decoupled-decay factor 1 - lr·wd,
-# 1/grad_scale, the clip value, the clip coefficient, 1 on a state's first use, the rule's R0..R4
-# (see prepare), and 1 - the rule's lerp weight as torch.lerp computes it, in the tensor dtype (the
-# kernels cannot write a literal 1 in that dtype: a literal would promote float32 arithmetic to
-# float64).
-(CONST_NEG_LR, CONST_WD, CONST_KEEP, CONST_INV_SCALE, CONST_CLIP, CONST_CLIP_COEF, CONST_FIRST, CONST_R0, CONST_R1,
- CONST_R2, CONST_R3, CONST_R4, CONST_ONE_MINUS_W) = range(13)
+# 1/grad_scale, the clip value, the clip coefficient, 1 on a state's first use, the rule's C0..C4
+# (the layout's, fused_lr/core/layout.py), and 1 - the rule's lerp weight as torch.lerp computes
+# it, in the tensor dtype (the kernels cannot write a literal 1 in that dtype: a literal would
+# promote float32 arithmetic to float64).
+(CONST_NEG_LR, CONST_WD, CONST_KEEP, CONST_INV_SCALE, CONST_CLIP, CONST_CLIP_COEF, CONST_FIRST, CONST_C0, CONST_C1,
+ CONST_C2, CONST_C3, CONST_C4, CONST_ONE_MINUS_W) = range(13)
 CONST_COLS = 13
 _LAYOUT_ID = zlib.crc32(repr((L.TENSOR, L.HYPER, L.FLAGS, L.RULES, L.SCHEDULE_KINDS, L.SIZES)).encode())
 
@@ -208,28 +208,28 @@ def prepare(table, hyper, schedules_, clocks, scalars, consts, rule):
         c[CONST_FIRST] = 1.0 if step == 0 else 0.0
         c[CONST_NEG_LR] = -lr
         if rule == RULE_SGD:
-            c[CONST_R0] = h[H_R0]  # momentum
-            c[CONST_R1] = h[H_R1]  # 1 - dampening
+            c[CONST_C0] = h[H_R0]  # momentum
+            c[CONST_C1] = h[H_R1]  # 1 - dampening
         elif rule == RULE_ADAM:
             b1, b2, t_ = h[H_R0], h[H_R1], step + 1.0
             c[CONST_NEG_LR] = -(lr / (1.0 - b1 ** t_))
-            c[CONST_R0] = 1.0 - b1
-            c[CONST_R1] = b2
-            c[CONST_R2] = 1.0 - b2
-            c[CONST_R3] = (1.0 - b2 ** t_) ** 0.5
-            c[CONST_R4] = h[H_R2]  # eps
+            c[CONST_C0] = 1.0 - b1
+            c[CONST_C1] = b2
+            c[CONST_C2] = 1.0 - b2
+            c[CONST_C3] = (1.0 - b2 ** t_) ** 0.5
+            c[CONST_C4] = h[H_R2]  # eps
             # read back in the tensor dtype: float32's 1 - w rounded once from the exact float64
             # difference is the float32 subtraction's result
-            c[CONST_ONE_MINUS_W] = 1.0 - c[CONST_R0]
+            c[CONST_ONE_MINUS_W] = 1.0 - c[CONST_C0]
         elif rule == RULE_RMSPROP:
-            c[CONST_R0] = h[H_R0]  # alpha
-            c[CONST_R1] = 1.0 - h[H_R0]
-            c[CONST_R2] = h[H_R1]  # eps
-            c[CONST_R3] = h[H_R2]  # momentum
-            c[CONST_ONE_MINUS_W] = 1.0 - c[CONST_R1]
+            c[CONST_C0] = h[H_R0]  # alpha
+            c[CONST_C1] = 1.0 - h[H_R0]
+            c[CONST_C2] = h[H_R1]  # eps
+            c[CONST_C3] = h[H_R2]  # momentum
+            c[CONST_ONE_MINUS_W] = 1.0 - c[CONST_C1]
         elif rule == RULE_ADAGRAD:
             c[CONST_NEG_LR] = -(lr / (1.0 + step * h[H_R0]))  # step = t - 1 earlier updates
-            c[CONST_R0] = h[H_R1]  # eps
+            c[CONST_C0] = h[H_R1]  # eps
         elif rule != RULE_SGD:
             c[CONST_NEG_LR] = np.nan
 
@@ -269,7 +269,7 @@ PREFETCH_BYTES, BLOCK = 4096, 64
 def _sgd_chunk(p, g, b, cs, flags, decay, momentum):
     """The SGD rule on one chunk (b is unused without momentum)."""
     k = _commons(cs, flags)
-    neg_lr, mu, gain = cs[CONST_NEG_LR], cs[CONST_R0], cs[CONST_R1]
+    neg_lr, mu, gain = cs[CONST_NEG_LR], cs[CONST_C0], cs[CONST_C1]
     nesterov, decoupled = (flags & F_NESTEROV) != 0, (flags & F_DECOUPLED) != 0
     first = cs[CONST_FIRST] != 0
     n, ahead, line = p.shape[0], PREFETCH_BYTES // p.itemsize, 64 // p.itemsize
@@ -305,8 +305,8 @@ def _adam_chunk(p, g, m, v, vmax, cs, flags, decay, amsgrad):
     """The Adam rule on one chunk, BLOCK elements at a time; vmax is read and written only with
     amsgrad."""
     k = _commons(cs, flags)
-    neg_step, b2, w2, bc2, eps = cs[CONST_NEG_LR], cs[CONST_R1], cs[CONST_R2], cs[CONST_R3], cs[CONST_R4]
-    low, cm = _lerp_coef(cs[CONST_R0], cs[CONST_ONE_MINUS_W])
+    neg_step, b2, w2, bc2, eps = cs[CONST_NEG_LR], cs[CONST_C1], cs[CONST_C2], cs[CONST_C3], cs[CONST_C4]
+    low, cm = _lerp_coef(cs[CONST_C0], cs[CONST_ONE_MINUS_W])
     decoupled = (flags & F_DECOUPLED) != 0
     n, ahead, line = p.shape[0], PREFETCH_BYTES // p.itemsize, 64 // p.itemsize
     for b in range(0, n, BLOCK):
@@ -337,7 +337,7 @@ def _adam_chunk(p, g, m, v, vmax, cs, flags, decay, amsgrad):
 def _rmsprop_chunk(p, g, s, b, c, cs, flags, decay, momentum, centered):
     """The RMSprop rule on one chunk; b (momentum) and c (centered) are used only when enabled."""
     k = _commons(cs, flags)
-    neg_lr, alpha, w1, eps, mu = cs[CONST_NEG_LR], cs[CONST_R0], cs[CONST_R1], cs[CONST_R2], cs[CONST_R3]
+    neg_lr, alpha, w1, eps, mu = cs[CONST_NEG_LR], cs[CONST_C0], cs[CONST_C1], cs[CONST_C2], cs[CONST_C3]
     low, cc = _lerp_coef(w1, cs[CONST_ONE_MINUS_W])
     for i in range(p.shape[0]):
         x, w = _common(g[i], p[i], k, decay, False)
@@ -362,7 +362,7 @@ def _rmsprop_chunk(p, g, s, b, c, cs, flags, decay, momentum, centered):
 def _adagrad_chunk(p, g, s, cs, flags, decay):
     """The Adagrad rule on one chunk."""
     k = _commons(cs, flags)
-    neg_clr, eps = cs[CONST_NEG_LR], cs[CONST_R0]
+    neg_clr, eps = cs[CONST_NEG_LR], cs[CONST_C0]
     for i in range(p.shape[0]):
         x, w = _common(g[i], p[i], k, decay, False)
         si = s[i] + x * x

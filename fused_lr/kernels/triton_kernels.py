@@ -37,8 +37,8 @@ _RULE_SGD, _RULE_ADAM, _RULE_RMSPROP, _RULE_ADAGRAD = (tl.constexpr(r) for r in 
                                                                                  L.RULE_RMSPROP, L.RULE_ADAGRAD))
 _H_MAX_NORM, _H_CLIP_VALUE = tl.constexpr(O_MAX_NORM), tl.constexpr(O_CLIP_VALUE)
 _H_RATE_POWER, _H_RATE_EPS = tl.constexpr(O_RATE_POWER), tl.constexpr(O_RATE_EPS)
-_C_LR, _C_DECAY, _C_INIT, _C_C0 = tl.constexpr(L.C_LR), tl.constexpr(L.C_DECAY), tl.constexpr(L.C_INIT), \
-    tl.constexpr(L.C_C0)
+_C_LR, _C_DECAY, _C_INIT = tl.constexpr(L.C_LR), tl.constexpr(L.C_DECAY), tl.constexpr(L.C_INIT)
+_C_C0, _C_C1, _C_C2, _C_C3, _C_C4 = (tl.constexpr(c) for c in (L.C_C0, L.C_C1, L.C_C2, L.C_C3, L.C_C4))
 _W_CLIP_COEF, _W_INV_SCALE, _W_GO = tl.constexpr(L.W_CLIP_COEF), tl.constexpr(L.W_INV_SCALE), tl.constexpr(L.W_GO)
 _NORM_EPS = tl.constexpr(L.NORM_EPS)
 
@@ -378,16 +378,31 @@ def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, coefs, n
         decoupled_wd = tl.where((flags & _F_DECOUPLED) != 0, tl.load(h + _H_WD, mask=m, other=0.0), 0.0)
         out = coefs + idx * _COEF_COLS
         step64 = step.to(tl.float64)
+        # the rule's coefficients (fused_lr/core/layout.py, "COEF"), so the update only reads them
+        r0 = tl.load(h + _H_R0, mask=m, other=0.0)
+        r1 = tl.load(h + _H_R1, mask=m, other=0.0)
+        r2 = tl.load(h + _H_R2, mask=m, other=0.0)
         if RULE == _RULE_ADAM:  # bias corrections from the step count after this update
             t = step64 + 1.0
-            b1 = tl.load(h + _H_R0, mask=m, other=0.0)
-            b2 = tl.load(h + _H_R1, mask=m, other=0.0)
-            tl.store(out + _C_C0, tl.sqrt(1.0 - _pow(b2, t, False)), mask=m)
-            tl.store(out + _C_LR, lr / (1.0 - _pow(b1, t, False)), mask=m)
-        elif RULE == _RULE_ADAGRAD:  # lr / (1 + (t - 1) lr_decay)
-            tl.store(out + _C_LR, lr / (1.0 + step64 * tl.load(h + _H_R0, mask=m, other=0.0)), mask=m)
-        else:
+            tl.store(out + _C_LR, lr / (1.0 - _pow(r0, t, False)), mask=m)
+            tl.store(out + _C_C0, 1.0 - r0, mask=m)
+            tl.store(out + _C_C1, r1, mask=m)
+            tl.store(out + _C_C2, 1.0 - r1, mask=m)
+            tl.store(out + _C_C3, tl.sqrt(1.0 - _pow(r1, t, False)), mask=m)
+            tl.store(out + _C_C4, r2, mask=m)
+        elif RULE == _RULE_RMSPROP:
             tl.store(out + _C_LR, lr, mask=m)
+            tl.store(out + _C_C0, r0, mask=m)
+            tl.store(out + _C_C1, 1.0 - r0, mask=m)
+            tl.store(out + _C_C2, r1, mask=m)
+            tl.store(out + _C_C3, r2, mask=m)
+        elif RULE == _RULE_ADAGRAD:  # lr / (1 + (t - 1) lr_decay)
+            tl.store(out + _C_LR, lr / (1.0 + step64 * r0), mask=m)
+            tl.store(out + _C_C0, r1, mask=m)
+        else:  # SGD: momentum, 1 - dampening, as they are
+            tl.store(out + _C_LR, lr, mask=m)
+            tl.store(out + _C_C0, r0, mask=m)
+            tl.store(out + _C_C1, r1, mask=m)
         tl.store(out + _C_DECAY, 1.0 - lr * decoupled_wd, mask=m)
         tl.store(out + _C_INIT, tl.where(step == 0, 1.0, 0.0), mask=m)
         # step + 0 rewrites the count unchanged when the step is skipped
@@ -542,10 +557,11 @@ def update_kernel(tensors, chunks, n_chunks, n_tensors, hyper, n_groups, coefs,
     flags = tl.load(h + _H_FLAGS).to(tl.int32)
     sign = tl.where((flags & _F_MAXIMIZE) != 0, -1.0, 1.0).to(COMPUTE)
     wd = tl.where((flags & _F_DECOUPLED) != 0, 0.0, tl.load(h + _H_WD)).to(COMPUTE)
-    r0 = tl.load(h + _H_R0)
-    r1 = tl.load(h + _H_R1)
-    r2 = tl.load(h + _H_R2)
-    c0 = tl.load(own + _C_C0).to(COMPUTE)
+    c0 = tl.load(own + _C_C0).to(COMPUTE)  # the rule's coefficients, from prepare_kernel
+    c1 = tl.load(own + _C_C1).to(COMPUTE)
+    c2 = tl.load(own + _C_C2).to(COMPUTE)
+    c3 = tl.load(own + _C_C3).to(COMPUTE)
+    c4 = tl.load(own + _C_C4).to(COMPUTE)
     P = _address(row, _T_PARAM, DTYPE, ALIGNED)
     G = _address(row, _T_GRAD, DTYPE, ALIGNED)
     S0 = _address(row, _T_STATE0, DTYPE, ALIGNED)
@@ -553,7 +569,7 @@ def update_kernel(tensors, chunks, n_chunks, n_tensors, hyper, n_groups, coefs,
     S2 = _address(row, _T_STATE0 + 2, DTYPE, ALIGNED)
     lane = tl.arange(0, BLOCK)[None, :]
     n_full, n_all = _blocks(start, end, BLOCK)
-    args = (P, G, S0, S1, S2, lr, decay, init, flags, sign, wd, r0, r1, r2, c0, inv, clip_value, coef)
+    args = (P, G, S0, S1, S2, lr, decay, init, flags, sign, wd, c0, c1, c2, c3, c4, inv, clip_value, coef)
     for i in range(n_full):  # whole blocks in every row: no masks
         _update_tile(start[:, None] + i * BLOCK + lane, True, *args, DTYPE, COMPUTE, RULE, HAS_CLIP, HAS_CLIP_VALUE,
                      HAS_SCALE, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, MOMENTUM, NESTEROV, AMSGRAD, CENTERED, False)
@@ -564,7 +580,8 @@ def update_kernel(tensors, chunks, n_chunks, n_tensors, hyper, n_groups, coefs,
 
 
 @triton.jit
-def _update_tile(offs, m, P, G, S0, S1, S2, lr, decay, init, flags, sign, wd, r0, r1, r2, c0, inv, clip_value, coef,
+def _update_tile(offs, m, P, G, S0, S1, S2, lr, decay, init, flags, sign, wd, c0, c1, c2, c3, c4, inv, clip_value,
+                 coef,
                  DTYPE: tl.constexpr, COMPUTE: tl.constexpr, RULE: tl.constexpr, HAS_CLIP: tl.constexpr,
                  HAS_CLIP_VALUE: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
                  COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, MOMENTUM: tl.constexpr,
@@ -574,16 +591,16 @@ def _update_tile(offs, m, P, G, S0, S1, S2, lr, decay, init, flags, sign, wd, r0
     g, p = _common(g, p, sign, wd, decay, inv, clip_value, coef, HAS_SCALE, HAS_CLIP_VALUE, HAS_CLIP, MAXIMIZE,
                    COUPLED_WD, DECOUPLED_WD)
     if RULE == _RULE_SGD:
-        p = _sgd(g, p, S0, offs, m, lr, r0.to(COMPUTE), r1.to(COMPUTE), (flags & _F_NESTEROV) != 0, init, DTYPE,
-                 COMPUTE, MOMENTUM, NESTEROV, MASKED)
+        p = _sgd(g, p, S0, offs, m, lr, c0, c1, (flags & _F_NESTEROV) != 0, init, DTYPE, COMPUTE, MOMENTUM, NESTEROV,
+                 MASKED)
     elif RULE == _RULE_ADAM:
-        p = _adam(g, p, S0, S1, S2, offs, m, lr, (1.0 - r0).to(COMPUTE), r1.to(COMPUTE), (1.0 - r1).to(COMPUTE),
-                  c0, r2.to(COMPUTE), (flags & _F_AMSGRAD) != 0, DTYPE, COMPUTE, AMSGRAD, MASKED)
+        p = _adam(g, p, S0, S1, S2, offs, m, lr, c0, c1, c2, c3, c4, (flags & _F_AMSGRAD) != 0, DTYPE, COMPUTE,
+                  AMSGRAD, MASKED)
     elif RULE == _RULE_RMSPROP:
-        p = _rmsprop(g, p, S0, S1, S2, offs, m, lr, r0.to(COMPUTE), (1.0 - r0).to(COMPUTE), r1.to(COMPUTE),
-                     r2.to(COMPUTE), (flags & _F_CENTERED) != 0, DTYPE, COMPUTE, MOMENTUM, CENTERED, MASKED)
+        p = _rmsprop(g, p, S0, S1, S2, offs, m, lr, c0, c1, c2, c3, (flags & _F_CENTERED) != 0, DTYPE, COMPUTE,
+                     MOMENTUM, CENTERED, MASKED)
     elif RULE == _RULE_ADAGRAD:
-        p = _adagrad(g, p, S0, offs, m, lr, r1.to(COMPUTE), DTYPE, COMPUTE, MASKED)
+        p = _adagrad(g, p, S0, offs, m, lr, c0, DTYPE, COMPUTE, MASKED)
     else:  # a rule without an update here: a visible result, never another rule's (the host refuses it first)
         p = tl.full(p.shape, float("nan"), COMPUTE)
     _store(P, offs, p, m, DTYPE, MASKED)
