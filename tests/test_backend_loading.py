@@ -44,6 +44,16 @@ def explicit_error(name):
     except RuntimeError as e:
         return str(e)
     raise AssertionError(f"backend={name!r} did not raise")
+
+# broken is unavailable with a one-line reason, auto steps on `auto`, naming broken raises that reason
+def degraded(broken, auto):
+    why = available_backends()[broken]
+    assert isinstance(why, str) and "\\n" not in why, why
+    ran, _ = step("auto")
+    assert ran == auto, ran
+    error = explicit_error(broken)
+    assert error == f"backend {broken!r} is unavailable: {why}", error
+    print("ok", why)
 """
 
 
@@ -92,14 +102,9 @@ def test_too_old_triton_is_unavailable_and_auto_moves_on(tmp_path):
 
         status = available_backends()
         why = status["triton"]
-        assert isinstance(why, str) and "\\n" not in why, why
         assert why.startswith("triton 3.3.1 is too old") and ">= 3.4" in why, why
         assert status["reference"] is True and status["numba"] is True, status
-        ran, _ = step("auto")
-        assert ran == "numba", ran
-        error = explicit_error("triton")
-        assert error == f"backend 'triton' is unavailable: {why}", error
-        print("ok", why)
+        degraded("triton", auto="numba")
     """, tmp_path)
     assert out.startswith("ok")
 
@@ -125,11 +130,7 @@ def test_numba_and_triton_that_raise_leave_auto_on_the_reference(tmp_path):
                                    "here: simulated"), status
         assert status["triton"] == ("fused_lr.backends.triton.load() failed: TypeError: jit() got an unexpected "
                                     "keyword argument (simulated)"), status
-        ran, _ = step("auto")
-        assert ran == "reference", ran
-        error = explicit_error("numba")
-        assert error == f"backend 'numba' is unavailable: {status['numba']}", error
-        print("ok", status)
+        degraded("numba", auto="reference")
     """, tmp_path, [fake])
     assert out.startswith("ok")
 

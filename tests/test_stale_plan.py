@@ -371,6 +371,35 @@ def case_zero_element_parameters_stay_on_the_kernels(backend):
     run.assert_equal()
 
 
+def case_param_groups_replaced(backend):
+    """opt.param_groups replaced by a new list of new group dicts (the same parameter lists, a new lr):
+    the next step reads the new groups (was: the settings kept the old list, which the reference read)."""
+    run = Run(FusedSGD, torch.optim.SGD, backend, lr=0.1, momentum=0.9)
+    run.steps()
+    run.both(lambda opt, ps: setattr(opt, "param_groups", [{**g, "lr": g["lr"] / 2} for g in opt.param_groups]))
+    run.steps()
+    run.assert_equal()
+
+
+def case_clip_value_switched_on_with_complex_parameters(backend):
+    """clip_value set after some steps of a model with a complex parameter: refused at the step, as
+    torch's clip_grad_value_ refuses complex gradients, and nothing changes."""
+    p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex128, generator=torch.Generator().manual_seed(0)))
+    opt = FusedSGD([p], lr=0.1, momentum=0.9, backend="reference" if backend == TWIN else backend)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    opt.clip_value = 0.5
+    p.grad = torch.ones_like(p)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match="clip_value does not apply to complex parameters"):
+        opt.step()
+    assert_unchanged(opt, before)
+    twin = p.detach().clone().requires_grad_()
+    twin.grad = p.grad.clone()
+    with pytest.raises(RuntimeError):
+        torch.nn.utils.clip_grad_value_([twin], 0.5)
+
+
 CASES = {name[5:]: f for name, f in sorted(globals().items()) if name.startswith("case_")}
 CRASHERS = ["param_resized_larger", "narrower_checkpoint", "grad_data_shortened", "grad_data_retyped"]
 CPU = [c for c in backend_cases() if c.values[1] == "cpu"]

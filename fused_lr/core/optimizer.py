@@ -118,6 +118,21 @@ def _scalar_count(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_step_count(v) -> bool:
+    """A step count as a checkpoint may hold one: a finite real number >= 0, or a tensor of one."""
+    return _scalar_count(v) and math.isfinite(float(v)) and float(v) >= 0
+
+
+def _state_problem(key: str, t, p: torch.Tensor) -> str | None:
+    """Why ``t`` cannot be parameter ``p``'s state ``key`` (None: it can, cast if need be)."""
+    if not isinstance(t, torch.Tensor):
+        return f"its {key!r} state is {_describe(t)}, not a tensor"
+    if t.shape != p.shape:
+        return (f"its {key!r} state has shape {tuple(t.shape)} but the parameter has shape {tuple(p.shape)} (a "
+                f"checkpoint of another model, or the parameter was replaced?)")
+    return None
+
+
 def _describe(v) -> str:
     if isinstance(v, torch.Tensor):
         return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
@@ -331,7 +346,7 @@ class FusedOptimizer(Optimizer):
             where = f"{name}.load_state_dict: param group {gi}"
             schedule = group["schedule"] = old["schedule"]
             saved = group.pop("schedule_step", None)
-            if saved is not None and not (_scalar_count(saved) and math.isfinite(float(saved)) and float(saved) >= 0):
+            if saved is not None and not _is_step_count(saved):
                 raise ValueError(f"{where}: schedule_step is {_describe(saved)}, not a step count")
             if schedule is not None and "initial_lr" in group:
                 # a checkpoint of a torch lr_scheduler run: its "lr" is the scheduled value, the base
@@ -347,14 +362,12 @@ class FusedOptimizer(Optimizer):
                 if not isinstance(st, dict):
                     raise ValueError(f"{where}, parameter {i}: its state is {_describe(st)}, not a dict")
                 for key in names:
-                    t = st.get(key)
-                    if t is not None and not (isinstance(t, torch.Tensor) and t.shape == p.shape):
-                        raise ValueError(f"{where}, parameter {i}: its {key!r} state is {_describe(t)}, but the "
-                                         f"parameter has shape {tuple(p.shape)}")
+                    if st.get(key) is not None and (problem := _state_problem(key, st[key], p)):
+                        raise ValueError(f"{where}, parameter {i}: {problem}")
                 if "step" in st:
-                    k = st["step"]
-                    if not (_scalar_count(k) and math.isfinite(float(k)) and float(k) >= 0):
-                        raise ValueError(f"{where}, parameter {i}: its 'step' is {_describe(k)}, not a step count")
+                    if not _is_step_count(st["step"]):
+                        raise ValueError(f"{where}, parameter {i}: its 'step' is {_describe(st['step'])}, not a step "
+                                         f"count")
                 elif any(isinstance(v, torch.Tensor) for v in st.values()):
                     # a torch optimizer's checkpoint without step counts (torch.optim.SGD): state exists,
                     # so at least one step was taken
@@ -458,6 +471,9 @@ class FusedOptimizer(Optimizer):
         if sig is not None:
             self._restructure(groups)
             self._structure = sig
+        if self._complex and self.clip_value is not None:  # checked every step: clip_value may be set at any time
+            raise RuntimeError(f"{type(self).__name__}: clip_value does not apply to complex parameters (torch's "
+                               f"clip_grad_value_ refuses them); use max_grad_norm")
         params = self._flat
         if self._mesh_group is not None:  # FSDP2: the local shards may move under the same DTensors
             views = [self._view(p) for p in params]
@@ -528,9 +544,6 @@ class FusedOptimizer(Optimizer):
         return lambda row: self._name(plan.positions[row])
 
     def _build_plan(self, grads: list) -> Plan:
-        if self._complex and self.clip_value is not None:
-            raise RuntimeError(f"{type(self).__name__}: clip_value does not apply to complex parameters (torch's "
-                               f"clip_grad_value_ refuses them); use max_grad_norm")
         rows = []
         for pos, (v, g) in enumerate(zip(self._views, grads, strict=True)):
             if g is None:
@@ -552,7 +565,7 @@ class FusedOptimizer(Optimizer):
         """Check every row's state against its parameter (raising, naming both, before anything
         changes), then create the missing state (back to back in one mapping, fused_lr/core/arena.py),
         lay the rest out like its parameter, and hand the addresses to the plan."""
-        rows = []  # (row, pos, the parameter as stepped, its state dict or None, [(name, state or None)])
+        rows = []  # (row, parameter, what its state is laid out like, sharded?, [(name, state or None)])
         for row, pos in enumerate(plan.positions):
             p = params[pos]
             sharded = self._mesh_group is not None and type(p) not in _PLAIN
@@ -565,12 +578,8 @@ class FusedOptimizer(Optimizer):
             for name in self.state_names(self.param_groups[self._group_index[pos]]):
                 t = None if st is None else st.get(name)
                 if t is not None:
-                    if not isinstance(t, torch.Tensor):
-                        raise RuntimeError(f"{self._name(pos)}: its {name!r} state is {_describe(t)}, not a tensor")
-                    if t.shape != p.shape:
-                        raise RuntimeError(f"{self._name(pos)}: its {name!r} state has shape {tuple(t.shape)} but the "
-                                           f"parameter has shape {tuple(p.shape)} (a checkpoint of another model, or "
-                                           f"the parameter was replaced?)")
+                    if problem := _state_problem(name, t, p):
+                        raise RuntimeError(f"{self._name(pos)}: {problem}")
                     if sharded and type(t) in _PLAIN:
                         raise RuntimeError(f"{self._name(pos)}: its {name!r} state is a plain tensor, but the "
                                            f"parameter is a DTensor; load sharded checkpoints with "
