@@ -696,24 +696,29 @@ class FusedOptimizer(Optimizer):
         if plan is None:
             self._step_without_gradients(params, scalars, needs_norm)
             return
-        runner = self._runner(plan)
-        norm = None
-        if needs_norm:
-            norm = runner.grad_norm(plan, settings, scalars)
-            if self._norm_group is not None:
-                norm = self._global_norm(norm)
-            # the one host read a step may make (docs/step.md): only when asked to check the norm
-            if self.error_if_nonfinite and not bool(torch.isfinite(norm)) and not (
-                    scalars.found_inf is not None and bool(scalars.found_inf)):
-                raise RuntimeError(
-                    f"{type(self).__name__}: the global gradient norm is non-finite ({norm.item()}); nothing was "
-                    f"changed. Pass error_if_nonfinite=False to skip this check.")
-        if not plan.bound:
-            self._bind(plan, params)
-            # the state the plans now hold is part of what the next step checks
-            self._structure = meta.structure([g["params"] for g in self.param_groups], self.state)
-        clocks = self._clock_tensor(plan.device)
-        runner.update(plan, settings, clocks, scalars, norm)
+        try:
+            runner = self._runner(plan)
+            norm = None
+            if needs_norm:
+                norm = runner.grad_norm(plan, settings, scalars)
+                if self._norm_group is not None:
+                    norm = self._global_norm(norm)
+                # the one host read a step may make (docs/step.md): only when asked to check the norm
+                if self.error_if_nonfinite and not bool(torch.isfinite(norm)) and not (
+                        scalars.found_inf is not None and bool(scalars.found_inf)):
+                    raise RuntimeError(
+                        f"{type(self).__name__}: the global gradient norm is non-finite ({norm.item()}); nothing was "
+                        f"changed. Pass error_if_nonfinite=False to skip this check.")
+            if not plan.bound:
+                self._bind(plan, params)
+                # the state the plans now hold is part of what the next step checks
+                self._structure = meta.structure([g["params"] for g in self.param_groups], self.state)
+            clocks = self._clock_tensor(plan.device)
+            runner.update(plan, settings, clocks, scalars, norm)
+        finally:
+            # the plan must not keep this step's gradients alive: zero_grad(set_to_none=True) frees
+            # them before the next forward, as with torch's optimizers (set_grads brings the next ones)
+            plan.grads = None
         self._ran = runner.name
         self.last_grad_norm = norm
 
