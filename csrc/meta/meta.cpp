@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #ifndef FUSED_LR_TORCH_VERSION
 #error "FUSED_LR_TORCH_VERSION (torch.__version__ at build time) must be defined"
@@ -304,6 +305,62 @@ void for_each_item(PyObject* d, F&& f) {
   }
 }
 
+// Warming before a walk. A step's walk meets its objects cold (a forward and backward ran since the
+// last one), and each tensor is a chain of dependent loads: the Python object, its TensorImpl, its
+// StorageImpl, and for state an entry's dict and its keys first. Walked one tensor after another,
+// every link is a cache miss waiting for the one before. These passes issue one level of the chain
+// for every object at once (independent misses overlap), so the walk itself then finds each level
+// in cache. Prefetches only: what the walk reads and returns is unchanged; an object that is not
+// a plain tensor is not looked into.
+inline void touch(const void* p) {
+  __builtin_prefetch(p, 0, 3);
+}
+
+void prefetch_tensors(const std::vector<PyObject*>& objects) {
+  for (PyObject* o : objects) touch(o);
+  std::vector<const c10::TensorImpl*> impls;
+  impls.reserve(objects.size());
+  for (PyObject* o : objects) {
+    PyTypeObject* tp = Py_TYPE(o);
+    if (tp != g_tensor_type && tp != g_param_type) continue;
+    const c10::TensorImpl* impl = unpack(o).unsafeGetTensorImpl();
+    const char* bytes = reinterpret_cast<const char*>(impl);
+    for (size_t line = 0; line < sizeof(c10::TensorImpl); line += 64) touch(bytes + line);
+    impls.push_back(impl);
+  }
+  for (const c10::TensorImpl* impl : impls) {
+    if (impl->has_storage()) touch(impl->unsafe_storage().unsafeGetStorageImpl());
+  }
+}
+
+// The objects of a list or tuple of lists or tuples (others are left to the walk).
+void gather_items(PyObject* seq, std::vector<PyObject*>& out) {
+  for (Py_ssize_t i = 0; i < Py_SIZE(seq); ++i) out.push_back(item_at(seq, i));
+}
+
+// The values of every entry of `state` that is a dict (the state tensors, mostly), their dicts
+// warmed first.
+void gather_state(PyObject* state, std::vector<PyObject*>& out) {
+  std::vector<PyObject*> entries;
+  Py_ssize_t pos = 0;
+  PyObject *k, *v;
+  while (PyDict_Next(state, &pos, &k, &v)) {
+    if (PyDict_CheckExact(v)) {
+      touch(v);
+      entries.push_back(v);
+    }
+  }
+  for (PyObject* d : entries) {
+    const char* keys = reinterpret_cast<const char*>(reinterpret_cast<PyDictObject*>(d)->ma_keys);
+    touch(keys);
+    touch(keys + 64);
+  }
+  for (PyObject* d : entries) {
+    pos = 0;
+    while (PyDict_Next(d, &pos, &k, &v)) out.push_back(v);
+  }
+}
+
 PyObject* python_twin(PyObject*& cache, const char* name) {
   if (cache == nullptr) {
     Ref mod(check(PyImport_ImportModule("fused_lr.core.meta")));
@@ -402,6 +459,11 @@ PyObject* structure(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject
         });
         // the record's length, roughly: 16 words a parameter, 48 a state entry (two tensors)
         size_t words = 16 * params_in_all + 48 * static_cast<size_t>(PyDict_GET_SIZE(state)) + 64;
+        std::vector<PyObject*> objects;
+        objects.reserve(params_in_all + 2 * static_cast<size_t>(PyDict_GET_SIZE(state)));
+        for_each(param_lists, [&](PyObject* params) { gather_items(params, objects); });
+        gather_state(state, objects);
+        prefetch_tensors(objects);
         Sig sig(PyBytes_CheckExact(expected) ? expected : nullptr, words);
         sig.put(Py_SIZE(param_lists));
         for_each(param_lists, [&](PyObject* params) {
@@ -455,6 +517,18 @@ PyObject* grads(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
   return run(
       [&]() -> PyObject* {
         if (!is_sequence(params)) throw HandOver();
+        std::vector<PyObject*> objects;
+        gather_items(params, objects);
+        prefetch_tensors(objects);
+        for (PyObject* p : objects) {  // .grad is read through each parameter's autograd record
+          PyTypeObject* tp = Py_TYPE(p);
+          if (tp != g_tensor_type && tp != g_param_type) continue;
+          const char* meta = reinterpret_cast<const char*>(unpack(p).unsafeGetTensorImpl()->autograd_meta());
+          if (meta != nullptr) {
+            touch(meta);
+            touch(meta + 64);
+          }
+        }
         // grads = [p.grad for p in params]
         Py_ssize_t n = Py_SIZE(params), filled = 0;
         Ref grads(check(PyList_New(n)));
@@ -469,6 +543,9 @@ PyObject* grads(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
           ++filled;
         });
         if (filled < n && PyList_SetSlice(grads.get(), filled, n, nullptr) < 0) throw PyErrSet();
+        objects.clear();
+        gather_items(grads.get(), objects);
+        prefetch_tensors(objects);
         // for p, g in zip(params, grads, strict=True): 0 for a missing gradient, the address of one
         // laid out like its parameter, and the first other one ends it with None
         Py_ssize_t ng = PyList_GET_SIZE(grads.get());
