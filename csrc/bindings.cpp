@@ -59,7 +59,8 @@ PYBIND11_MODULE(_cuda, m) {
       "norm",
       [](uintptr_t table, uintptr_t blocks, const std::vector<int>& dtypes, const std::vector<int64_t>& first_blocks,
          const std::vector<int64_t>& n_blocks, int64_t total_blocks, uintptr_t grad_scale, bool has_clip_value,
-         double clip_value, uintptr_t partials, uintptr_t norm, bool norm_is_double, int device, uintptr_t stream) {
+         double clip_value, uintptr_t partials, uintptr_t norm, bool norm_is_double, bool finish, int device,
+         uintptr_t stream) {
         flr::NormLaunch n;
         n.args = {ptr<const int64_t>(table), ptr<const int32_t>(blocks), ptr<const float>(grad_scale), has_clip_value,
                   clip_value};
@@ -68,25 +69,27 @@ PYBIND11_MODULE(_cuda, m) {
         n.partials = ptr<double>(partials);
         n.norm = ptr<void>(norm);
         n.norm_is_double = norm_is_double;
+        n.finish = finish;
         raise_if(flr::launch_norm(n, device, ptr<void>(stream)));
       },
       py::arg("table"), py::arg("blocks"), py::arg("dtypes"), py::arg("first_blocks"), py::arg("n_blocks"),
       py::arg("total_blocks"), py::arg("grad_scale"), py::arg("has_clip_value"), py::arg("clip_value"),
-      py::arg("partials"), py::arg("norm"), py::arg("norm_is_double"), py::arg("device"), py::arg("stream"));
+      py::arg("partials"), py::arg("norm"), py::arg("norm_is_double"), py::arg("finish"), py::arg("device"),
+      py::arg("stream"));
 
   m.def(
       "step",
       [](int rule, uintptr_t table, uintptr_t blocks, int64_t n_tensors, const std::vector<int>& dtypes,
          const std::vector<int64_t>& first_blocks, const std::vector<int64_t>& n_blocks, uintptr_t hyper,
          uintptr_t sched, uintptr_t lr32, uintptr_t lr64, uintptr_t clocks, int64_t n_groups, uintptr_t scratch,
-         uintptr_t norm, bool norm_is_double, bool clip_by_norm, double max_norm, double rate_power,
+         uintptr_t norm, bool norm_is_double, uintptr_t partials, int64_t n_partials, bool clip_by_norm, double max_norm, double rate_power,
          double rate_eps, uintptr_t grad_scale, uintptr_t found_inf, bool has_clip_value, double clip_value,
          int device, uintptr_t stream) {
         flr::StepLaunch s;
         s.rule = rule;
         s.prepare = {ptr<const int64_t>(table), n_tensors, ptr<const double>(hyper), ptr<const double>(sched),
                      ptr<const int64_t>(lr32), ptr<const int64_t>(lr64), ptr<const float>(clocks),
-                     ptr<const void>(norm), norm_is_double, clip_by_norm, max_norm, rate_power, rate_eps,
+                     ptr<void>(norm), norm_is_double, ptr<const double>(partials), n_partials, clip_by_norm, max_norm, rate_power, rate_eps,
                      ptr<const float>(grad_scale), ptr<const float>(found_inf), ptr<double>(scratch)};
         s.update = {ptr<const int64_t>(table), ptr<const int32_t>(blocks), n_tensors, ptr<const double>(hyper),
                     ptr<const double>(scratch), has_clip_value, clip_value};
@@ -98,7 +101,7 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("rule"), py::arg("table"), py::arg("blocks"), py::arg("n_tensors"), py::arg("dtypes"),
       py::arg("first_blocks"), py::arg("n_blocks"), py::arg("hyper"), py::arg("sched"), py::arg("lr32"),
       py::arg("lr64"), py::arg("clocks"), py::arg("n_groups"), py::arg("scratch"), py::arg("norm"),
-      py::arg("norm_is_double"), py::arg("clip_by_norm"), py::arg("max_norm"), py::arg("rate_power"),
+      py::arg("norm_is_double"), py::arg("partials"), py::arg("n_partials"), py::arg("clip_by_norm"), py::arg("max_norm"), py::arg("rate_power"),
       py::arg("rate_eps"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("has_clip_value"),
       py::arg("clip_value"), py::arg("device"), py::arg("stream"));
 }

@@ -153,8 +153,12 @@ struct PrepareArgs {
   const int64_t* lr32;    // (G,): address of the group's float32 lr tensor, 0 for none
   const int64_t* lr64;    // (G,): likewise for float64 lr tensors
   const float* clocks;    // (G,): each group's schedule position k
-  const void* norm;       // the step's global gradient norm; null when it was not computed
+  void* norm;             // the step's global gradient norm; null when it was not computed
   bool norm_is_double;
+  // the norm's per-block partial sums when prepare is to finish it (sqrt of their sum, written to
+  // *norm before any row reads it); null when *norm is already final
+  const double* partials;
+  int64_t n_partials;
   bool clip_by_norm;      // global-norm clipping at max_norm (else the norm only feeds the rate)
   double max_norm;
   double rate_power;      // the gradient-norm rate (N + rate_eps)^-rate_power; power 0: off
@@ -209,8 +213,8 @@ FLR_HD_CALL void rule_coefs(int rule, const double* r, double lr, double step, d
 }
 
 // Scratch row t: tensor t's scalars for this step; row n_tensors: the step-wide ones. Reads the
-// clocks and step counts without changing them (the increment stage advances them once every
-// update has run). `rule`: the optimizer's RULES code.
+// clocks and step counts without changing them (increment_row advances them once every row has
+// read them). `rule`: the optimizer's RULES code.
 FLR_HD void prepare_row(const PrepareArgs& a, int rule, int64_t t) {
   double* out = a.scratch + t * L::COEF_COLS;
   if (t == a.n_tensors) {
@@ -244,8 +248,8 @@ FLR_HD void prepare_row(const PrepareArgs& a, int rule, int64_t t) {
   rule_coefs(rule, h + L::H_R0, lr, step, out);
 }
 
-// After every update of the step (stream order): tensor i's step count and group i's clock + 1,
-// unless the step was skipped.
+// In prepare, once every row has been prepared (the update reads only the scratch): tensor i's
+// step count and group i's clock + 1, unless the step was skipped.
 FLR_HD void increment_row(const int64_t* table, int64_t n_tensors, float* clocks, int64_t n_groups,
                           const double* scratch, int64_t i) {
   if (scratch[n_tensors * L::COEF_COLS + L::W_GO] == 0.0) return;

@@ -1,11 +1,11 @@
-// The fused step's kernels over a plan's device tables (fused_lr_layout.h): the gradient norm
-// (per-block partial sums, then one block sums them in a fixed order: the same result every run),
-// prepare (a thread per tensor computes its scalars once per step into a scratch table), the
-// update (a block per chunk of CUDA_CHUNK elements, 16-byte loads where the row is aligned, no
-// schedule math; one kernel per rule and dtype, so no element branches on the rule), and the
-// increment of step counts and group clocks. Every per-step value (norm,
-// grad_scale, found_inf, clocks, step counts, tensor lrs) is read on the device, so a step never
-// synchronises and can be captured in a CUDA graph.
+// The fused step's kernels over a plan's device tables (fused_lr_layout.h): the gradient norm's
+// per-block partial sums; prepare, one block that sums them in a fixed order (the same result every
+// run), computes every tensor's scalars once per step into a scratch table, then advances the step
+// counts and group clocks; and the update (a block per chunk of CUDA_CHUNK elements, 16-byte loads
+// where the row is aligned, no schedule math; one kernel per rule and dtype, so no element branches
+// on the rule). Three launches for one dtype bucket. Every per-step value (norm, grad_scale,
+// found_inf, clocks, step counts, tensor lrs) is read on the device, so a step never synchronises
+// and can be captured in a CUDA graph.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -19,7 +19,6 @@ namespace {
 
 constexpr int BLOCK = static_cast<int>(L::CUDA_BLOCK);
 constexpr int64_t CHUNK = L::CUDA_CHUNK;
-constexpr int SMALL_BLOCK = 256;  // prepare and increment: a thread per tensor or group
 static_assert(BLOCK % 32 == 0 && BLOCK / 32 <= 32, "block_sum sums at most 32 warps");
 
 // Sum of v over the block, in a fixed order (same result on every run), valid in thread 0.
@@ -43,9 +42,9 @@ __global__ void __launch_bounds__(BLOCK) norm_kernel(NormArgs a, int64_t first_b
   if (threadIdx.x == 0) partials[block] = acc;
 }
 
-// One block: the square root of the sum of all partials, in a fixed order, into *norm.
-__global__ void __launch_bounds__(BLOCK) norm_finish_kernel(const double* partials, int64_t n, void* norm,
-                                                            bool norm_is_double) {
+// The square root of the sum of all partials, in a fixed order, into *norm by thread 0; a whole
+// block calls it.
+__device__ void finish_norm(const double* partials, int64_t n, void* norm, bool norm_is_double) {
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += BLOCK) acc += partials[i];
   acc = block_sum(acc);
@@ -56,9 +55,23 @@ __global__ void __launch_bounds__(BLOCK) norm_finish_kernel(const double* partia
   }
 }
 
-__global__ void __launch_bounds__(SMALL_BLOCK) prepare_kernel(PrepareArgs a, int rule) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * SMALL_BLOCK + threadIdx.x;
-  if (t <= a.n_tensors) prepare_row(a, rule, t);
+// One block: the norm, when the host reads it before the step (error_if_nonfinite, or an all-reduce).
+__global__ void __launch_bounds__(BLOCK) norm_finish_kernel(const double* partials, int64_t n, void* norm,
+                                                            bool norm_is_double) {
+  finish_norm(partials, n, norm, norm_is_double);
+}
+
+// One block: the norm when the step finishes it (then visible to every thread), every row's scalars,
+// then (every row read) the step counts and clocks advanced.
+__global__ void __launch_bounds__(BLOCK) prepare_kernel(PrepareArgs a, int rule, float* clocks, int64_t n_groups) {
+  if (a.partials != nullptr) {
+    finish_norm(a.partials, a.n_partials, a.norm, a.norm_is_double);
+    __syncthreads();
+  }
+  for (int64_t t = threadIdx.x; t <= a.n_tensors; t += BLOCK) prepare_row(a, rule, t);
+  __syncthreads();
+  const int64_t rows = a.n_tensors > n_groups ? a.n_tensors : n_groups;
+  for (int64_t i = threadIdx.x; i < rows; i += BLOCK) increment_row(a.table, a.n_tensors, clocks, n_groups, a.scratch, i);
 }
 
 // Two blocks of BLOCK threads per SM: at most 64 registers a thread, which every rule's update
@@ -66,13 +79,6 @@ __global__ void __launch_bounds__(SMALL_BLOCK) prepare_kernel(PrepareArgs a, int
 template <typename T, int RULE>
 __global__ void __launch_bounds__(BLOCK, 2) update_kernel(UpdateArgs a, int64_t first_block) {
   update_block<T, RULE>(a, first_block + blockIdx.x, CHUNK, threadIdx.x, BLOCK);
-}
-
-__global__ void __launch_bounds__(SMALL_BLOCK) increment_kernel(const int64_t* table, int64_t n_tensors,
-                                                                float* clocks, int64_t n_groups,
-                                                                const double* scratch) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * SMALL_BLOCK + threadIdx.x;
-  increment_row(table, n_tensors, clocks, n_groups, scratch, i);
 }
 
 std::string cuda_error(const char* what, cudaError_t err) {
@@ -116,8 +122,6 @@ void dispatch(int dtype, F&& f) {
   }
 }
 
-unsigned grid_for(int64_t n) { return static_cast<unsigned>((n + SMALL_BLOCK - 1) / SMALL_BLOCK); }
-
 // Checked before the first launch, so a bad bucket leaves the step undone rather than half done.
 std::string check_buckets(const std::vector<Bucket>& buckets) {
   for (const Bucket& b : buckets) {
@@ -149,7 +153,7 @@ std::string launch_norm(const NormLaunch& n, int device, void* stream) {
                                                                                      n.partials);
     });
   }
-  norm_finish_kernel<<<1, BLOCK, 0, st>>>(n.partials, n.n_blocks, n.norm, n.norm_is_double);
+  if (n.finish) norm_finish_kernel<<<1, BLOCK, 0, st>>>(n.partials, n.n_blocks, n.norm, n.norm_is_double);
   return check("norm kernels");
 }
 
@@ -160,8 +164,7 @@ std::string launch_step(const StepLaunch& s, int device, void* stream) {
   const DeviceGuard guard(device);
   if (!guard.error().empty()) return guard.error();
   const auto st = static_cast<cudaStream_t>(stream);
-  const int64_t n_tensors = s.prepare.n_tensors;
-  prepare_kernel<<<grid_for(n_tensors + 1), SMALL_BLOCK, 0, st>>>(s.prepare, s.rule);
+  prepare_kernel<<<1, BLOCK, 0, st>>>(s.prepare, s.rule, s.clocks, s.n_groups);
   for (const Bucket& b : s.buckets) {
     if (b.n_blocks == 0) continue;
     with_rule(s.rule, [&](auto rule) {
@@ -170,11 +173,6 @@ std::string launch_step(const StepLaunch& s, int device, void* stream) {
             <<<static_cast<unsigned>(b.n_blocks), BLOCK, 0, st>>>(s.update, b.first_block);
       });
     });
-  }
-  const int64_t rows = n_tensors > s.n_groups ? n_tensors : s.n_groups;
-  if (rows > 0) {
-    increment_kernel<<<grid_for(rows), SMALL_BLOCK, 0, st>>>(s.prepare.table, n_tensors, s.clocks, s.n_groups,
-                                                             s.prepare.scratch);
   }
   return check("step kernels");
 }

@@ -24,8 +24,9 @@ struct Bucket {
   int64_t n_blocks;
 };
 
-// The gradient norm: per bucket a block per chunk writes partials[block]; one block sums them
-// all into *norm (float32 or float64).
+// The gradient norm: per bucket a block per chunk writes partials[block]; with `finish`, one
+// block then sums them all into *norm (float32 or float64). Without it the step's prepare does
+// that sum (StepLaunch: prepare.partials), one launch less when nothing reads the norm in between.
 struct NormLaunch {
   NormArgs args;
   std::vector<Bucket> buckets;
@@ -33,16 +34,18 @@ struct NormLaunch {
   double* partials;
   void* norm;
   bool norm_is_double;
+  bool finish;
 };
 
-// The update: prepare (a thread per tensor), the rule's update per bucket, then the increment of
-// step counts and clocks. The launches share prepare.scratch, in stream order.
+// The update, per dtype bucket one launch after a single-block prepare: it finishes the norm when
+// given its partials, writes every row's scalars, then advances the step counts and clocks (the
+// update reads only the scratch). Launches: 1 + buckets, sharing prepare.scratch in stream order.
 struct StepLaunch {
   int rule;
   PrepareArgs prepare;
   UpdateArgs update;
   std::vector<Bucket> buckets;
-  float* clocks;  // prepare.clocks, advanced by the increment
+  float* clocks;  // prepare.clocks, advanced by prepare once every row has read them
   int64_t n_groups;
 };
 

@@ -38,6 +38,7 @@ from fused_lr import FusedAdagrad, FusedAdam, FusedAdamW, FusedRMSprop, FusedSGD
 from fused_lr import schedules as S
 from fused_lr.backends import BackendUnavailable
 from fused_lr.backends import cuda as cb
+from fused_lr.backends.device_tables import DeviceTables
 from fused_lr.backends.reference import ReferenceBackend
 from fused_lr.core import layout as L
 from fused_lr.core.plan import Plan, Settings, StepScalars
@@ -433,7 +434,7 @@ def test_blocks_cover_every_element_once(host, chunk):
     dtypes = [torch.float32] * 6 + [torch.float64] * 5
     plan = Plan.build(torch.device("cpu"), L.RULE_SGD,
                       [(i, 0, torch.zeros(n, dtype=dt), None) for i, (n, dt) in enumerate(zip(numels, dtypes))])
-    tabs = cb._Tables(plan, {torch.float32: 0, torch.float64: 1}, chunk)
+    tabs = cb._Tables(plan, {torch.float32: 0, torch.float64: 1}, chunk, DeviceTables("cuda"))
     assert tabs.block_counts == (sum(-(-n // chunk) for n in numels[:6]), sum(-(-n // chunk) for n in numels[6:]))
     assert tabs.first_blocks == (0, tabs.block_counts[0]) and tabs.n_blocks == sum(tabs.block_counts)
     pairs = [x for n, f in zip(numels, plan.table[:, L.T_FIRST_CHUNK].tolist(), strict=True) for x in (n, f)]
@@ -494,11 +495,14 @@ def twin_lib(tmp_path_factory, generated):
     lib.flr_dtype_name.restype = c.c_char_p
     lib.flr_dtype_name.argtypes = [c.c_int]
     lib.flr_norm.argtypes = [c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_int64,
-                             c.c_void_p, c.c_int, c.c_double, c.c_void_p, c.c_void_p, c.c_int, c.c_int64, c.c_int]
+                             c.c_void_p, c.c_int, c.c_double, c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_int64,
+                             c.c_int]
     lib.flr_step.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int,
                              c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p,
-                             c.c_void_p, c.c_int, c.c_int, c.c_double, c.c_double, c.c_double, c.c_void_p, c.c_void_p,
-                             c.c_int, c.c_double, c.c_int64, c.c_int]
+                             c.c_void_p, c.c_int, c.c_void_p, c.c_int64, c.c_int, c.c_double, c.c_double, c.c_double,
+                             c.c_void_p, c.c_void_p, c.c_int, c.c_double, c.c_int64, c.c_int]
+    lib.flr_launches.restype = c.c_int64
+    lib.flr_launches.argtypes = []
     return lib
 
 
@@ -900,10 +904,11 @@ def test_gradients_at_unaligned_addresses_take_the_scalar_path(on_twin):
 def _graph_opt(on_twin, monkeypatch):
     on_twin()
     capturing = [False]
-    monkeypatch.setattr(cb, "_capturing", lambda device: capturing[0])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     model = _model()
     opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9, max_grad_norm=1.0, backend="reference")
     backend = _on_cuda_backend(opt)
+    backend._device_tables.graph_device = lambda device: True  # the twin's CPU tensors stand in for a GPU's
     x = torch.randn(4, 5)
     model(x).square().sum().backward()  # static gradient tensors, as a captured step needs
     return model, opt, backend, capturing
@@ -925,8 +930,8 @@ def test_captured_tables_are_kept_and_never_rewritten(on_twin, monkeypatch):
     opt.step()  # "captured": nothing to upload
     capturing[0] = False
     tabs, groups = backend._tables, backend._groups
-    held = {id(t) for t in (*tabs.buffers(), *groups.buffers())}
-    assert held <= {id(t) for t in backend._held}
+    held = (*tabs.buffers(), *groups.buffers())
+    assert all(backend._device_tables.held(t) for t in held)
     table, hyper = tabs.table, groups.hyper
     table_then, hyper_then = table.clone(), hyper.clone()
 
@@ -949,4 +954,49 @@ def test_captured_tables_are_kept_and_never_rewritten(on_twin, monkeypatch):
 
     opt.param_groups[0]["momentum"] = 0.0  # a new plan: rebuilt; what the graph read stays alive
     opt.step()
-    assert backend.rebuilds == 2 and held <= {id(t) for t in backend._held}
+    assert backend.rebuilds == 2 and all(backend._device_tables.held(t) for t in held)
+
+
+# ---------------------------------------------------------------------------- launches
+def _resnet50_params(float64_every=0):
+    """ResNet-50's 161 parameters as small float32 tensors (every ``float64_every``-th one float64)."""
+    from fused_lr.tools.bench.host import tiny_resnet50_groups
+
+    params = [p for g in tiny_resnet50_groups() for p in g["params"]]
+    if float64_every:
+        for p in params[::float64_every]:
+            p.data = p.data.double()
+    return params
+
+
+@pytest.mark.parametrize("check,mixed,launches", [(False, False, 3), (True, False, 4), (False, True, 5)],
+                         ids=["clip", "clip-error_if_nonfinite", "clip-two-dtypes"])
+def test_launches_per_step(on_twin, twin_lib, check, mixed, launches):
+    """ResNet-50's 161 float32 tensors with global-norm clipping: three kernel launches a step (the
+    norm's partial sums; prepare, which sums them into the norm, writes every scalar and advances
+    the step counts and clocks; the update). One more when the host reads the norm before the
+    update (error_if_nonfinite), and a norm and an update launch per further dtype. The numbers
+    equal the reference's either way."""
+    on_twin(chunk=8, threads=3)
+    runs = []
+    for backend in ("reference", "twin"):
+        params = _resnet50_params(float64_every=7 if mixed else 0)
+        opt = FusedSGD(params, lr=0.1, momentum=0.9, max_grad_norm=0.5, error_if_nonfinite=check,
+                       schedule=S.Cosine(10), backend="reference")
+        if backend == "twin":
+            _on_cuda_backend(opt)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            before = twin_lib.flr_launches()
+            opt.step()
+            if backend == "twin":
+                assert twin_lib.flr_launches() - before == launches
+        assert opt.backend == ("cuda" if backend == "twin" else "reference")
+        runs.append((params, opt))
+    (ref, ref_opt), (got, got_opt) = runs
+    # float32: the kernels sum the norm in float64, the reference in float32 (a few ulps a step)
+    torch.testing.assert_close(got_opt.last_grad_norm, ref_opt.last_grad_norm, rtol=1e-5, atol=0)
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)

@@ -350,7 +350,7 @@ def test_junit_results_need_both_backends_passing(tmp_path):
 # ------------------------------------------------------------------------------ the step's checks
 
 PROFILE = dict(api_calls_per_step=12.0, syncs_per_step=0.0, sync_records_per_step=0.0, sync_calls={},
-               gpu_ops_per_step=4.0)
+               gpu_ops_per_step=3.0)
 
 
 def step_data():
@@ -361,7 +361,7 @@ def step_data():
             "fused_lr cuda": dict(wall_ms=0.5, gpu_ms=0.3, update_gbps=900.0, profile=PROFILE,
                                   blocking=dict(host_ms=0.2, sleep_ms=50.0, blocked=False)),
             "fused_lr triton": dict(wall_ms=0.9, gpu_ms=0.35, update_gbps=700.0,
-                                    profile=dict(PROFILE, syncs_per_step=1.0, gpu_ops_per_step=5.0,
+                                    profile=dict(PROFILE, syncs_per_step=1.0, gpu_ops_per_step=4.0,
                                                  sync_calls={"cudaStreamSynchronize": 1.0}),
                                     blocking=dict(host_ms=49.0, sleep_ms=50.0, blocked=True)),
         },
@@ -384,8 +384,8 @@ def test_step_checks_against_the_targets():
     assert cuda[eager][0] == f"{1.0 / 0.5:.2f}x" and triton[eager][0] == f"{1.0 / 0.9:.2f}x"
     assert triton[graph][0] == f"{0.4 / 0.35:.2f}x"
     assert triton["host syncs per step (profiler API trace)"][0] == "1 (cudaStreamSynchronize 1.0)"
-    assert triton["GPU operations per step (1 dtype bucket)"] == ("5", False)
-    assert cuda["GPU operations per step (1 dtype bucket)"] == ("4", True)
+    assert triton["GPU operations per step (1 dtype bucket)"] == ("4", False)
+    assert cuda["GPU operations per step (1 dtype bucket)"] == ("3", True)
     # bf16: the speed targets are fp32's; the rest still holds
     names = {c.name for c in gc.step_checks(data, speed_targets=False)}
     assert not any("speed-up" in n or "bandwidth" in n for n in names)
@@ -420,11 +420,11 @@ def test_summary_lists_items_checks_and_the_step_table(tmp_path):
     text = gc.write_summary(ctx, results, ["--out", str(tmp_path)])
     assert text.startswith("# gpu-check: FAIL: 1 pass, 1 fail, 1 skip")
     assert "| ncu | skip | 0 | ncu not found (searched PATH) |" in text
-    assert "| step-fp32 | triton: GPU operations per step (1 dtype bucket) | 5 | <= 4 | FAIL |" in text
+    assert "| step-fp32 | triton: GPU operations per step (1 dtype bucket) | 4 | <= 3 | FAIL |" in text
     assert "| fused_lr cuda | - | 0.500 | 0.300 |" in text
     last = gc.recap(results).splitlines()
     assert last[0] == "gpu-check FAIL: 1 pass, 1 fail, 1 skip"
-    assert "  FAIL step-fp32: triton: GPU operations per step (1 dtype bucket): 5 (target <= 4)" in last
+    assert "  FAIL step-fp32: triton: GPU operations per step (1 dtype bucket): 4 (target <= 3)" in last
     assert len(last) == 1 + sum(not c.ok for c in results[1].checks)
     report = json.loads((tmp_path / "summary.json").read_text())
     assert report["status"] == "fail" and report["counts"] == {"pass": 1, "fail": 1, "skip": 1}

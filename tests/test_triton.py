@@ -301,6 +301,29 @@ def test_norm_is_deterministic():
     assert torch.equal(norms[0], norms[1])
 
 
+@needs_interpreter
+def test_norm_summed_by_prepare_equals_its_own_launch():
+    """The norm's partials summed by prepare_kernel (nothing reads the norm before the update) and by
+    sqrt_sum_kernel (error_if_nonfinite reads it first) give the same bits, and the same step as the
+    reference (tensors large enough for many programs, so the norm takes a final sum)."""
+    base = [torch.randn(n, dtype=torch.float64) for n in (300000, 5, 1234)]
+    runs = {}
+    for name, backend, check in (("prepare", "triton", False), ("own launch", "triton", True),
+                                 ("reference", "reference", False)):
+        params = [b.clone().requires_grad_() for b in base]
+        opt = make_opt(params, backend, error_if_nonfinite=check)
+        for step in range(2):
+            fill_grads(params, step)
+            opt.step()
+        assert opt.backend == backend
+        runs[name] = (params, opt.last_grad_norm)
+    assert torch.equal(runs["prepare"][1], runs["own launch"][1])
+    torch.testing.assert_close(runs["prepare"][1], runs["reference"][1], **TOL[torch.float64])
+    for a, b, r in zip(runs["prepare"][0], runs["own launch"][0], runs["reference"][0], strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, **TOL[torch.float64])
+
+
 # ----------------------------------------------------------------------------- compiled mode
 _COMPILE_ALL = textwrap.dedent("""
     import triton, triton.language as tl
@@ -332,14 +355,17 @@ _COMPILE_ALL = textwrap.dedent("""
                          BLOCK=1024, CHUNK=4096))
         compile(K.sqrt_sum_kernel, {"partials": "*fp64", "n": "i32", "out": acc}, dict(BLOCK=1024))
     prepare = {"tensors": "*i64", "n_tensors": "i32", "hyper": "*fp64", "tables": "*fp64", "clocks": "*fp32",
-               "n_groups": "i32", "coefs": "*fp64", "scale": "*fp32", "found": "*fp32"}
+               "n_groups": "i32", "coefs": "*fp64", "partials": "*fp64", "n_partials": "i32", "scale": "*fp32",
+               "found": "*fp32"}
     for norm in ("*fp32", "*fp64"):
         for rule in range(4):
-            compile(K.prepare_kernel, {**prepare, "norm": norm},
-                    dict(HAS_CLIP=True, HAS_RATE=True, HAS_SCALE=True, HAS_FOUND=True, RULE=rule, KINDS=ALL_KINDS,
-                         BLOCK=128))
+            for finish in (False, True):
+                compile(K.prepare_kernel, {**prepare, "norm": norm},
+                        dict(HAS_CLIP=True, HAS_RATE=True, HAS_SCALE=True, HAS_FOUND=True, FINISH=finish, RULE=rule,
+                             KINDS=ALL_KINDS, BLOCK=128, SUM_BLOCK=1024))
     compile(K.prepare_kernel, {**prepare, "norm": "*fp32"},
-            dict(HAS_CLIP=False, HAS_RATE=False, HAS_SCALE=False, HAS_FOUND=False, RULE=0, KINDS=1, BLOCK=128))
+            dict(HAS_CLIP=False, HAS_RATE=False, HAS_SCALE=False, HAS_FOUND=False, FINISH=False, RULE=0, KINDS=1,
+                 BLOCK=128, SUM_BLOCK=1024))
     print("compiled")
 """)
 
@@ -383,3 +409,54 @@ def test_bfloat16_trajectory_rounds_to_nearest_even_as_torch():
     assert opt.backend == "triton"
     worst = max(float((a.detach().float() - b.detach().float()).abs().max()) for a, b in zip(ours, theirs, strict=True))
     assert worst <= 2.0 ** -7, worst
+
+
+class _CountedKernel:
+    """A kernel whose launches are counted, not run (sqrt_sum_kernel writes a norm of 1, which the
+    host's non-finite check reads)."""
+
+    def __init__(self, name, counts):
+        self.name, self.counts = name, counts
+
+    def __getitem__(self, grid):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        self.counts.append((self.name, kwargs.get("FINISH")))
+        if self.name == "sqrt_sum_kernel":
+            args[2].fill_(1.0)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("check", [False, True], ids=["clip", "clip-error_if_nonfinite"])
+def test_launches_per_step(check):
+    """ResNet-50's 161 float32 tensors with clipping, chunked as on a GPU (a program per chunk):
+    sumsq_kernel, prepare_kernel (which sums the partials into the norm) and update_kernel, three
+    launches a step; sqrt_sum_kernel sums the norm on its own only when the host reads it before
+    the update (error_if_nonfinite)."""
+    import types
+
+    from fused_lr.backends.triton import TritonBackend
+    from fused_lr.tools.bench.host import tiny_resnet50_groups
+
+    groups = tiny_resnet50_groups()
+    opt = FusedSGD(groups, lr=0.1, momentum=0.9, max_grad_norm=0.5, error_if_nonfinite=check, backend="reference")
+    backend = opt._backend = TritonBackend()
+    counts = []
+    k = backend._k
+    backend._k = types.SimpleNamespace(**{n: getattr(k, n) for n in dir(k) if not n.endswith("_kernel")},
+                                       **{n: _CountedKernel(n, counts) for n in dir(k) if n.endswith("_kernel")})
+    backend._interpreted = False  # a GPU's chunking: a program per chunk, so the norm needs a final sum
+    backend.devices = frozenset({"cpu"})
+    params = [p for g in groups for p in g["params"]]
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        counts.clear()
+        opt.step()
+        if check:
+            assert counts == [("sumsq_kernel", None), ("sqrt_sum_kernel", None), ("prepare_kernel", False),
+                              ("update_kernel", None)]
+        else:
+            assert counts == [("sumsq_kernel", None), ("prepare_kernel", True), ("update_kernel", None)]
+    assert opt.backend == "triton"

@@ -1,6 +1,6 @@
 // A host twin of the launches in kernels.cu, for tests/test_cuda_host.py: fused_lr._cuda's norm and
 // step behind a C ABI (loaded with ctypes), running the kernels' own per-thread functions of
-// fused_lr_math.h (prepare_row, norm_block, update_block, increment_row) for every block and thread
+// fused_lr_math.h (prepare_row, increment_row, norm_block, update_block) for every block and thread
 // in turn on CPU memory, and summing a block's threads in the order kernels.cu's block_sum does.
 // It lets CI drive fused_lr.backends.cuda.CudaBackend end to end (tables, blocks, buckets,
 // scratch, alignment paths) without a GPU. The chunk and block sizes are arguments here, so tests
@@ -12,6 +12,8 @@
 #include "../launch.h"
 
 namespace {
+
+int64_t g_launches = 0;  // kernels kernels.cu would have launched (flr_launches)
 
 // kernels.cu's block_sum: each warp's 32 values by shuffle-down halving, then the warps' sums
 // likewise (zeros past the last warp), as lane 0 sees them.
@@ -43,9 +45,22 @@ std::vector<flr::Bucket> buckets(const int* dtypes, const int64_t* first_blocks,
   return out;
 }
 
+// kernels.cu's finish_norm, with `threads` threads
+void finish_norm(const double* partials, int64_t n, void* norm, bool norm_is_double, int threads) {
+  std::vector<double> acc(threads, 0.0);
+  for (int tid = 0; tid < threads; ++tid) {
+    for (int64_t i = tid; i < n; i += threads) acc[tid] += partials[i];
+  }
+  const double r = sqrt(block_sum(acc));
+  if (norm_is_double) *static_cast<double*>(norm) = r;
+  else *static_cast<float*>(norm) = static_cast<float>(r);
+}
+
 // launch_norm of kernels.cu
 int norm(const flr::NormLaunch& n, int64_t chunk, int threads) {
   for (const flr::Bucket& b : n.buckets) {
+    if (b.n_blocks == 0) continue;
+    ++g_launches;
     const bool known = dispatch(b.dtype, [&](auto tag) {
       for (int64_t block = b.first_block; block < b.first_block + b.n_blocks; ++block) {
         std::vector<double> acc(threads);
@@ -55,13 +70,10 @@ int norm(const flr::NormLaunch& n, int64_t chunk, int threads) {
     });
     if (!known) return -1;
   }
-  std::vector<double> acc(threads, 0.0);
-  for (int tid = 0; tid < threads; ++tid) {
-    for (int64_t i = tid; i < n.n_blocks; i += threads) acc[tid] += n.partials[i];
+  if (n.finish) {
+    ++g_launches;
+    finish_norm(n.partials, n.n_blocks, n.norm, n.norm_is_double, threads);
   }
-  const double r = sqrt(block_sum(acc));
-  if (n.norm_is_double) *static_cast<double*>(n.norm) = r;
-  else *static_cast<float*>(n.norm) = static_cast<float>(r);
   return 0;
 }
 
@@ -71,8 +83,16 @@ int step(const flr::StepLaunch& s, int64_t chunk, int threads) {
   for (const flr::Bucket& b : s.buckets) {
     if (b.dtype != flr::DT_FLOAT32 && b.dtype != flr::DT_FLOAT64) return -1;
   }
-  for (int64_t t = 0; t <= s.prepare.n_tensors; ++t) flr::prepare_row(s.prepare, s.rule, t);
+  // prepare_kernel: the norm, every row, then the step counts and clocks
+  ++g_launches;
+  const flr::PrepareArgs& a = s.prepare;
+  if (a.partials != nullptr) finish_norm(a.partials, a.n_partials, a.norm, a.norm_is_double, threads);
+  for (int64_t t = 0; t <= a.n_tensors; ++t) flr::prepare_row(a, s.rule, t);
+  const int64_t rows = a.n_tensors > s.n_groups ? a.n_tensors : s.n_groups;
+  for (int64_t i = 0; i < rows; ++i) flr::increment_row(a.table, a.n_tensors, s.clocks, s.n_groups, a.scratch, i);
   for (const flr::Bucket& b : s.buckets) {
+    if (b.n_blocks == 0) continue;
+    ++g_launches;
     flr::with_rule(s.rule, [&](auto rule) {
       dispatch(b.dtype, [&](auto tag) {
         for (int64_t block = b.first_block; block < b.first_block + b.n_blocks; ++block) {
@@ -82,15 +102,15 @@ int step(const flr::StepLaunch& s, int64_t chunk, int threads) {
       });
     });
   }
-  const int64_t rows = s.prepare.n_tensors > s.n_groups ? s.prepare.n_tensors : s.n_groups;
-  for (int64_t i = 0; i < rows; ++i)
-    flr::increment_row(s.prepare.table, s.prepare.n_tensors, s.clocks, s.n_groups, s.prepare.scratch, i);
   return 0;
 }
 
 }  // namespace
 
 extern "C" {
+
+// The kernel launches kernels.cu would have made so far.
+int64_t flr_launches() { return g_launches; }
 
 // The torch name of a dtype code (fused_lr._cuda's DTYPES), null past the last.
 const char* flr_dtype_name(int code) { return code >= 0 && code < flr::DT_COUNT ? flr::DTYPE_NAMES[code] : nullptr; }
@@ -99,7 +119,8 @@ const char* flr_dtype_name(int code) { return code >= 0 && code < flr::DT_COUNT 
 // -1 for a dtype the twin does not handle.
 int flr_norm(const int64_t* table, const int32_t* blocks, const int* dtypes, const int64_t* first_blocks,
              const int64_t* n_blocks, int n_buckets, int64_t total_blocks, const float* grad_scale, int has_clip_value,
-             double clip_value, double* partials, void* norm_out, int norm_is_double, int64_t chunk, int threads) {
+             double clip_value, double* partials, void* norm_out, int norm_is_double, int finish, int64_t chunk,
+             int threads) {
   flr::NormLaunch n;
   n.args = {table, blocks, grad_scale, has_clip_value != 0, clip_value};
   n.buckets = buckets(dtypes, first_blocks, n_blocks, n_buckets);
@@ -107,6 +128,7 @@ int flr_norm(const int64_t* table, const int32_t* blocks, const int* dtypes, con
   n.partials = partials;
   n.norm = norm_out;
   n.norm_is_double = norm_is_double != 0;
+  n.finish = finish != 0;
   return norm(n, chunk, threads);
 }
 
@@ -115,14 +137,15 @@ int flr_norm(const int64_t* table, const int32_t* blocks, const int* dtypes, con
 int flr_step(int rule, const int64_t* table, const int32_t* blocks, int64_t n_tensors, const int* dtypes,
              const int64_t* first_blocks, const int64_t* n_blocks, int n_buckets, const double* hyper,
              const double* sched, const int64_t* lr32, const int64_t* lr64, float* clocks, int64_t n_groups,
-             double* scratch, const void* norm_in, int norm_is_double, int clip_by_norm, double max_norm,
+             double* scratch, void* norm, int norm_is_double, const double* partials, int64_t n_partials,
+             int clip_by_norm, double max_norm,
              double rate_power, double rate_eps, const float* grad_scale, const float* found_inf, int has_clip_value,
              double clip_value, int64_t chunk, int threads) {
   flr::StepLaunch s;
   s.rule = rule;
-  s.prepare = {table,      n_tensors, hyper,      sched,    lr32,       lr64,       clocks,   norm_in,
-               norm_is_double != 0, clip_by_norm != 0, max_norm, rate_power, rate_eps, grad_scale, found_inf,
-               scratch};
+  s.prepare = {table,     n_tensors, hyper,           sched,      lr32,              lr64,
+               clocks,    norm,      norm_is_double != 0, partials, n_partials, clip_by_norm != 0,
+               max_norm,  rate_power, rate_eps,        grad_scale, found_inf,         scratch};
   s.update = {table, blocks, n_tensors, hyper, scratch, has_clip_value != 0, clip_value};
   s.buckets = buckets(dtypes, first_blocks, n_blocks, n_buckets);
   s.clocks = clocks;

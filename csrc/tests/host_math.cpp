@@ -60,7 +60,7 @@ void update(std::istream& in) {
   const bool has_scale = read1(in) != 0;
   const float grad_scale = static_cast<float>(read1(in));
   const bool has_norm = read1(in) != 0;
-  const double norm = read1(in);
+  double norm = read1(in);
   const bool norm_is_double = read1(in) != 0;
   const bool clip_by_norm = read1(in) != 0;
   const double max_norm = read1(in);
@@ -83,7 +83,8 @@ void update(std::istream& in) {
     g[i] = static_cast<T>(read1(in));
     for (auto& state : s) state[i] = static_cast<T>(read1(in));
   }
-  const float lr32 = static_cast<float>(lr), norm32 = static_cast<float>(norm);
+  const float lr32 = static_cast<float>(lr);
+  float norm32 = static_cast<float>(norm);
   const int64_t lr32_at = lr_kind == 1 ? address(&lr32) : 0, lr64_at = lr_kind == 2 ? address(&lr) : 0;
   int64_t row[L::TENSOR_COLS] = {};
   row[L::T_PARAM] = address(p.data());
@@ -98,8 +99,8 @@ void update(std::istream& in) {
   row[L::T_ALIGNED] = aligned;
   double scratch[2 * L::COEF_COLS];
   const flr::PrepareArgs a = {row, 1, hyper.data(), sched.data(), &lr32_at, &lr64_at, &clock,
-                              has_norm ? (norm_is_double ? static_cast<const void*>(&norm) : &norm32) : nullptr,
-                              norm_is_double, clip_by_norm, max_norm, rate_power, rate_eps,
+                              has_norm ? (norm_is_double ? static_cast<void*>(&norm) : &norm32) : nullptr,
+                              norm_is_double, nullptr, 0, clip_by_norm, max_norm, rate_power, rate_eps,
                               has_scale ? &grad_scale : nullptr, has_found_inf ? &found_inf : nullptr, scratch};
   flr::prepare_row(a, rule, 0);
   flr::prepare_row(a, rule, 1);

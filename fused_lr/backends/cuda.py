@@ -5,26 +5,24 @@ integers. A step is at most two calls into it, with no host synchronisation:
 
 * ``norm`` (for global-norm clipping, the gradient-norm rate or ``error_if_nonfinite``): per
   dtype bucket, a block per chunk of ``CUDA_CHUNK`` elements writes the sum of squares of its
-  processed gradients; one block sums them, in a fixed order, into the norm;
-* ``step``: ``prepare`` (a thread per tensor) writes this step's scalars to a scratch table: lr
-  from the group's clock and schedule (times a tensor lr, read on the device, and the
-  gradient-norm rate), the decoupled decay factor, the momentum buffer's first use, the rule's
-  coefficients (Adam's bias corrections and Adagrad's lr decay from the tensor's step count), and
-  the step-wide clip coefficient, 1/grad_scale and found_inf; ``update`` (per bucket, a block per
-  chunk; one kernel per rule: SGD, Adam/AdamW, RMSprop, Adagrad) applies docs/step.md steps 0-7
-  with 16-byte loads where the row is aligned; ``increment`` then advances every step count and
-  group clock unless found_inf is set (docs/step.md, "Skipped steps").
+  processed gradients; when the host reads the norm before the update (``final``: the non-finite
+  check, an all-reduce), one block then sums them, in a fixed order, into the norm;
+* ``step``: ``prepare`` (one block) sums the partials into the norm when ``norm`` left that to it,
+  writes this step's scalars to a scratch table (lr from the group's clock and schedule, times a
+  tensor lr, read on the device, and the gradient-norm rate; the decoupled decay factor; the
+  momentum buffer's first use; the rule's coefficients, Adam's bias corrections and Adagrad's lr
+  decay from the tensor's step count; the step-wide clip coefficient, 1/grad_scale and
+  found_inf), then advances every step count and group clock unless found_inf is set
+  (docs/step.md, "Skipped steps"); ``update`` (per bucket, a block per chunk; one kernel per
+  rule: SGD, Adam/AdamW, RMSprop, Adagrad) applies docs/step.md steps 0-7 with 16-byte loads
+  where the row is aligned, reading only the scratch. One dtype bucket: three launches a step.
 
 The device tables follow the plan (layout: fused_lr/core/layout.py). They are built once per plan
 (``rebuilds`` counts it); the tensor table is re-uploaded, into the same buffer, only when the
 plan's gradient or state addresses moved, and the group tables only when the settings changed.
-Uploads go from a fresh pinned tensor without blocking: torch's caching host allocator keeps each
-one until its copy has run.
-
-CUDA graphs: a step captured in a graph must not need an upload (it would record a copy from host
-memory), so one that would raises, saying to run eager steps first. Every table a captured step
-read is kept, unmodified, for the backend's life: a later change (new gradients, a new lr, a new
-plan) writes fresh buffers instead, so the graph never reads freed or rewritten tables.
+Uploads, the capture guard and the buffers a captured CUDA graph reads are those of
+fused_lr/backends/device_tables.py, shared with the Triton backend, whose docstring states what a
+replayed graph sees.
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ import numpy as np
 import torch
 
 from fused_lr.backends import BackendUnavailable
+from fused_lr.backends.device_tables import NEW_ADDRESSES, NEW_PLAN, NEW_SETTINGS, DeviceTables
 from fused_lr.core import layout as L
 from fused_lr.core.plan import Plan, Settings, StepScalars
 
@@ -62,10 +61,6 @@ def layout_mismatch(module) -> str | None:
     return "; ".join(diffs[:3]) + more
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
@@ -77,14 +72,6 @@ def _stream(device: torch.device) -> int:
     if _RAW_STREAM is not None:
         return _RAW_STREAM(device.index)
     return torch.cuda.current_stream(device).cuda_stream
-
-
-def _capture_error(what: str) -> RuntimeError:
-    return RuntimeError(
-        f"fused_lr cuda backend: {what} while a CUDA graph is being captured, and the captured step would "
-        f"replay a copy from host memory. Run two eager steps with the same tensors and settings before "
-        f"capturing, and keep the gradients allocated across the capture (zero_grad(set_to_none=False), or "
-        f"copy into static .grad tensors)")
 
 
 def _f32_ptr(t: torch.Tensor | None, device: torch.device, keep: list) -> int:
@@ -133,7 +120,7 @@ class _Tables:
     """The device side of one plan: its tensor table, each block's row, the prepare stage's
     scratch and the norm's partial sums, with the launch description of its dtype buckets."""
 
-    def __init__(self, plan: Plan, codes: dict[torch.dtype, int], chunk: int):
+    def __init__(self, plan: Plan, codes: dict[torch.dtype, int], chunk: int, tables: DeviceTables):
         numel = plan.table[:, L.T_NUMEL]
         per = (numel + chunk - 1) // chunk
         first = np.cumsum(per) - per
@@ -145,8 +132,7 @@ class _Tables:
         self.block_counts = tuple(int(per[b.start:b.stop].sum()) for b in plan.buckets)
         dev = plan.device
         self.index = -1 if dev.type != "cuda" else dev.index  # the launches' device (-1: the host twin's)
-        self.blocks = torch.empty(self.n_blocks, dtype=torch.int32, device=dev)
-        _upload(np.repeat(np.arange(self.n_tensors, dtype=np.int32), per), self.blocks)
+        self.blocks = tables.upload(np.repeat(np.arange(self.n_tensors, dtype=np.int32), per), dev, why=NEW_PLAN)
         self.scratch = torch.empty((self.n_tensors + 1, L.COEF_COLS), dtype=torch.float64, device=dev)
         self.partials = torch.empty(max(self.n_blocks, 1), dtype=torch.float64, device=dev)
         self.scratch_ptr, self.partials_ptr = self.scratch.data_ptr(), self.partials.data_ptr()
@@ -168,17 +154,14 @@ class _Tables:
 class _Groups:
     """The device side of the settings: hyper rows, schedule tables and the addresses of tensor lrs
     (float32 and float64 ones on the device as they are; any other staged into ``stage`` each step).
-    ``reuse``: (hyper, sched, lrs) buffers of the right shapes to upload into."""
+    ``last``: the groups these replace, whose buffers are uploaded into where they can be."""
 
-    def __init__(self, plan: Plan, settings: Settings, reuse: tuple[torch.Tensor, ...] | None):
+    def __init__(self, plan: Plan, settings: Settings, tables: DeviceTables, last: _Groups | None):
         dev = plan.device
         n = len(settings.groups)
         self.version, self.device, self.n_groups = settings.version, dev, n
-        if reuse is None:
-            reuse = (torch.empty((n, L.HYPER_COLS), dtype=torch.float64, device=dev),
-                     torch.empty((n, L.MAX_SEGMENTS, L.SEGMENT_COLS), dtype=torch.float64, device=dev),
-                     torch.empty((2, n), dtype=torch.int64, device=dev))  # float32 lr addresses, float64 ones
-        self.hyper, self.sched, self.lrs = reuse
+        self.hyper = tables.upload(settings.hyper, dev, last.hyper if last else None, why=NEW_SETTINGS)
+        self.sched = tables.upload(settings.schedules, dev, last.sched if last else None, why=NEW_SETTINGS)
         staged = [gi for gi, t in settings.lr_tensors.items()
                   if t.device != dev or t.dtype not in (torch.float32, torch.float64)]
         self.stage = torch.empty(len(staged), dtype=torch.float64, device=dev)
@@ -191,9 +174,8 @@ class _Groups:
                 lr_rows[int(t.dtype == torch.float64), gi] = t.data_ptr()
         for j, gi in enumerate(staged):
             lr_rows[1, gi] = self.stage[j].data_ptr()
-        _upload(settings.hyper, self.hyper)
-        _upload(settings.schedules, self.sched)
-        _upload(lr_rows, self.lrs)
+        # the addresses of float32 lrs, then of float64 ones
+        self.lrs = tables.upload(lr_rows, dev, last.lrs if last else None, why=NEW_SETTINGS)
         lrs = self.lrs.data_ptr()
         # step's arguments from hyper to n_groups
         self.head = (self.hyper.data_ptr(), self.sched.data_ptr(), lrs, lrs + 8 * n)
@@ -203,15 +185,6 @@ class _Groups:
 
     def moved(self) -> bool:
         return any(t.data_ptr() != ptr for t, ptr in self.watched)
-
-
-def _upload(array: np.ndarray, out: torch.Tensor) -> None:
-    """``out[...] = array`` without blocking: from a fresh pinned tensor, which torch's caching host
-    allocator keeps until the copy has run (so no in-flight copy's source is ever overwritten)."""
-    host = torch.from_numpy(array)
-    if out.device.type == "cuda":
-        host = host.pin_memory()
-    out.copy_(host, non_blocking=True)
 
 
 class CudaBackend:
@@ -232,11 +205,9 @@ class CudaBackend:
         self._checked: int | None = None  # the state version whose rows check_rows passed
         self._settings: Settings | None = None
         self._groups: _Groups | None = None
-        # Buffers a captured CUDA graph reads: kept for the backend's life and never written again
-        # (an upload that would write one writes a fresh buffer instead).
-        self._held: list[torch.Tensor] = []
-        self._held_ids: set[int] = set()
+        self._device_tables = DeviceTables(self.name)
         self._norm: torch.Tensor | None = None  # the last norm grad_norm returned (known good)
+        self._pending: tuple | None = None  # (norm, tables) whose partials the next update sums
         self._clocks: torch.Tensor | None = None  # the last clocks that passed the checks
 
     def unsupported(self, plan: Plan) -> str | None:
@@ -244,35 +215,24 @@ class CudaBackend:
         return f"dtype {bad[0]} (the CUDA kernels take {sorted(map(str, self._codes))})" if bad else None
 
     # ------------------------------------------------------------------ device tables
-    def _fresh_if_held(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(t) if id(t) in self._held_ids else t
-
-    def _hold(self, buffers) -> None:
-        for t in buffers:
-            if id(t) not in self._held_ids:
-                self._held.append(t)
-                self._held_ids.add(id(t))
-
     def _tables_for(self, plan: Plan, capturing: bool) -> _Tables:
         tabs = self._tables
         if plan is not self._plan:
             if capturing:
-                raise _capture_error("the set of tensors to step changed (a new plan)")
+                raise self._device_tables.capture_error(NEW_PLAN)
             if (reason := self.unsupported(plan)) is not None:
                 raise RuntimeError(f"fused_lr cuda backend: cannot run this plan: {reason}")
-            tabs = self._tables = _Tables(plan, self._codes, self._chunk)
+            tabs = self._tables = _Tables(plan, self._codes, self._chunk, self._device_tables)
             self._plan, self._versions, self._checked = plan, None, None
             self.rebuilds += 1
         versions = (plan.grad_version, plan.state_version)
         if versions != self._versions:
-            if capturing:
-                raise _capture_error("gradient or state addresses changed")
             if plan.state_version != self._checked:
                 check_rows(plan, self._codes)
                 self._checked = plan.state_version
-            if id(tabs.table) in self._held_ids:
-                tabs.set_table(torch.empty_like(tabs.table))
-            _upload(plan.table, tabs.table)
+            table = self._device_tables.upload(plan.table, plan.device, tabs.table, why=NEW_ADDRESSES)
+            if table is not tabs.table:  # a captured graph reads the old one
+                tabs.set_table(table)
             self._versions = versions
         return tabs
 
@@ -280,13 +240,7 @@ class CudaBackend:
         groups = self._groups
         if groups is None or settings is not self._settings or settings.version != groups.version \
                 or groups.device != plan.device or groups.moved():
-            if capturing:
-                raise _capture_error("the hyper-parameters, schedules or lr tensors changed")
-            reuse = None
-            if groups is not None and groups.device == plan.device and groups.n_groups == len(settings.groups):
-                # the same buffers, unless a captured graph reads them
-                reuse = tuple(self._fresh_if_held(t) for t in groups.buffers()[:3])
-            groups = self._groups = _Groups(plan, settings, reuse)
+            groups = self._groups = _Groups(plan, settings, self._device_tables, groups)
             self._settings = settings
         if groups.staged:
             if capturing:
@@ -297,17 +251,19 @@ class CudaBackend:
         return groups
 
     # ------------------------------------------------------------------ the step
-    def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars) -> torch.Tensor:
-        capturing = _capturing(plan.device)
+    def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars, final: bool = True) -> torch.Tensor:
+        capturing = self._device_tables.capturing(plan.device)
         tabs = self._tables_for(plan, capturing)
         norm = self._norm = torch.empty((), dtype=plan.norm_dtype, device=plan.device)
+        # not final: the step's prepare sums the partials into it (one launch less)
+        self._pending = None if final else (norm, tabs)
         keep = []
         clip = settings.clip_value
         self._ext.norm(*tabs.norm_head, _f32_ptr(scalars.grad_scale, plan.device, keep), clip is not None, clip or 0.0,
-                       tabs.partials_ptr, norm.data_ptr(), norm.dtype == torch.float64, tabs.index,
+                       tabs.partials_ptr, norm.data_ptr(), norm.dtype == torch.float64, final, tabs.index,
                        _stream(plan.device))
         if capturing:
-            self._hold(tabs.buffers())
+            self._device_tables.hold(*tabs.buffers())
         return norm
 
     def update(self, plan: Plan, settings: Settings, clocks: torch.Tensor, scalars: StepScalars,
@@ -322,18 +278,21 @@ class CudaBackend:
                                                             or norm.device != dev):
             raise RuntimeError(f"fused_lr cuda backend: the norm must be a float32/float64 tensor on {dev}, "
                                f"got {norm.dtype} on {norm.device}")
-        capturing = _capturing(dev)
+        capturing = self._device_tables.capturing(dev)
         tabs = self._tables_for(plan, capturing)
         groups = self._groups_for(plan, settings, capturing)
+        finish = self._pending is not None and norm is self._pending[0] and tabs is self._pending[1]
+        self._pending = None
         keep = []
         clip = settings.clip_value
         self._ext.step(plan.rule, *tabs.step_head, *groups.head, clocks.data_ptr(), groups.n_groups, tabs.scratch_ptr,
                        0 if norm is None else norm.data_ptr(), norm is not None and norm.dtype == torch.float64,
-                       settings.max_grad_norm is not None, settings.max_grad_norm or 0.0, settings.lr_norm_power,
-                       settings.lr_norm_eps, _f32_ptr(scalars.grad_scale, dev, keep),
-                       _f32_ptr(scalars.found_inf, dev, keep), clip is not None, clip or 0.0, tabs.index, _stream(dev))
+                       tabs.partials_ptr if finish else 0, tabs.n_blocks, settings.max_grad_norm is not None,
+                       settings.max_grad_norm or 0.0, settings.lr_norm_power, settings.lr_norm_eps,
+                       _f32_ptr(scalars.grad_scale, dev, keep), _f32_ptr(scalars.found_inf, dev, keep),
+                       clip is not None, clip or 0.0, tabs.index, _stream(dev))
         if capturing:
-            self._hold((*tabs.buffers(), *groups.buffers()))
+            self._device_tables.hold(*tabs.buffers(), *groups.buffers())
 
 
 def load():

@@ -83,7 +83,7 @@ class NumbaBackend:
         # the float32 reciprocal, as torch.amp.GradScaler.unscale_ (and the reference) use
         return float(np.float32(1.0 / float(scalars.grad_scale)))
 
-    def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars) -> torch.Tensor:
+    def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars, final: bool = True) -> torch.Tensor:
         wide = (self._inv_scale(scalars), math.inf if settings.clip_value is None else settings.clip_value)
         total = 0.0
         for w in self._work_for(plan):

@@ -39,7 +39,7 @@ class ReferenceBackend:
     def unsupported(self, plan: Plan) -> str | None:
         return None
 
-    def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars) -> torch.Tensor:
+    def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars, final: bool = True) -> torch.Tensor:
         # per-tensor norms, then the norm of the norms: the order clip_grad_norm_ uses
         norms = [
             torch.linalg.vector_norm(processed_grad(g, scalars, settings, settings.groups[gi]), dtype=plan.norm_dtype)

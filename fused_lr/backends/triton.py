@@ -1,22 +1,26 @@
 """Triton backend: a step is a few launches over all parameters, with no host sync.
 
-Per step: ``sumsq_kernel`` (a program per chunk, when the norm is wanted) and ``sqrt_sum_kernel``
-(one program) compute the global norm deterministically; ``prepare_kernel`` (one program)
+Per step: ``sumsq_kernel`` (a program per chunk, when the norm is wanted) writes the norm's
+partial sums; ``prepare_kernel`` (one program) adds them in a fixed order into the norm,
 evaluates every tensor's lr on the device from its group's clock, the clip coefficient and the
 AMP skip, and advances the step counts and clocks; ``update_kernel`` (a program per chunk)
-applies the rest (docs/step.md). Chunks are launched in spans of one dtype and one alignment
-(a tensor with a misaligned address does not turn off vector loads for the others); when one
-program covers all chunks, ``sumsq_kernel`` writes the norm itself.
+applies the rest (docs/step.md): three launches for one span. Chunks are launched in spans of
+one dtype and one alignment (a tensor with a misaligned address does not turn off vector loads
+for the others); when one program covers all chunks, ``sumsq_kernel`` writes the norm itself,
+and when the host reads the norm before the update (``final``: the non-finite check, an
+all-reduce), ``sqrt_sum_kernel`` (one program) sums it then.
 
 The kernels read the plan's tables (fused_lr/core/layout.py) from device copies made once per
 plan; a step re-uploads the tensor table into the same device buffer only when the plan
-re-addressed gradients, and the hyper rows only when the settings changed. Uploads go through
-pinned memory without blocking, so a step never waits for the device and, once two eager steps
-have run, can be captured in a CUDA graph.
+re-addressed gradients, and the hyper rows only when the settings changed. Uploads do not block,
+so a step never waits for the device and, once two eager steps have run, can be captured in a
+CUDA graph. The uploads, the capture guard and the buffers a captured graph reads are those of
+fused_lr/backends/device_tables.py, shared with the CUDA backend; its docstring states what a
+replayed graph sees.
 
 Under ``TRITON_INTERPRET=1`` the same kernels run in Triton's interpreter on CPU tensors, which
-is how CI tests them without a GPU; the device tables are then the plan's own arrays, and
-chunks are as large as the tensors allow, because the interpreter pays per program, not per element.
+is how CI tests them without a GPU; the tensor table is then the plan's own array, and chunks
+are as large as the tensors allow, because the interpreter pays per program, not per element.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from fused_lr.backends import BackendUnavailable
+from fused_lr.backends.device_tables import NEW_ADDRESSES, NEW_PLAN, NEW_SETTINGS, DeviceTables
 from fused_lr.core import layout as L
 from fused_lr.core.plan import Plan, Settings, StepScalars
 
@@ -35,25 +40,6 @@ _INTERP_TILE = 1 << 18
 _PREPARE_BLOCK = 128
 _SUM_BLOCK = 1024
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _upload(array: np.ndarray, device: torch.device, into: torch.Tensor | None = None) -> torch.Tensor:
-    """A device copy of ``array`` (into ``into`` when given, so its address stays valid). The pinned
-    source is a fresh block of torch's caching host allocator, which keeps it until the copy ran."""
-    host = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
-        return host if into is None else into.copy_(host)
-    if torch.cuda.is_current_stream_capturing():
-        # a host->device copy captured in a graph would re-read a pinned buffer that is long
-        # gone at replay time
-        raise RuntimeError(
-            "fused_lr triton backend: the parameters, gradients, state or hyper-parameters changed during CUDA "
-            "graph capture, so the device tables would have to be rebuilt inside the graph. Run two eager steps "
-            "with the same tensors and settings before capturing.")
-    host = host.pin_memory()
-    if into is not None:
-        return into.copy_(host, non_blocking=True)
-    return host.to(device, non_blocking=True)
 
 
 def _aligned_rows(plan: Plan) -> np.ndarray:
@@ -86,7 +72,7 @@ def _device(device: torch.device):
 class _Tables:
     """The device copies of one plan's tensor table, its chunk spans and scratch."""
 
-    def __init__(self, plan: Plan, interpreted: bool):
+    def __init__(self, plan: Plan, interpreted: bool, tables: DeviceTables, why: str):
         self.plan = plan
         numels = plan.table[:, L.T_NUMEL]
         if interpreted:
@@ -105,9 +91,11 @@ class _Tables:
                 if len(chunks) > c0:
                     self.spans.append((b.dtype, c0, len(chunks), aligned))
         self.n_tensors, self.n_chunks = len(numels), len(chunks)
-        self.tensors = _upload(plan.table, plan.device) if plan.device.type == "cuda" else \
-            torch.from_numpy(plan.table)  # interpreted: the plan's own array, refreshed in place
-        self.chunks = _upload(np.array(chunks, dtype=np.int64).reshape(-1, 3), plan.device)
+        # on a device no graph reads (the interpreter's CPU), the plan's own array, refreshed in place
+        self.copied = tables.graph_device(plan.device)
+        self.tensors = tables.upload(plan.table, plan.device, why=why) if self.copied else \
+            torch.from_numpy(plan.table)
+        self.chunks = tables.upload(np.array(chunks, dtype=np.int64).reshape(-1, 3), plan.device, why=why)
         self.versions = (plan.grad_version, plan.state_version)
         self.coefs = torch.empty((self.n_tensors + 1, L.COEF_COLS), dtype=torch.float64, device=plan.device)
         # float64 partial sums, as Numba and CUDA keep them (float32 ones drop small squares beside large)
@@ -121,6 +109,9 @@ class _Tables:
                                   (-(-(c1 - c0) // rows),)))
         # one program over every chunk writes the norm itself; otherwise partials + a final sum
         self.final = len(self.spans) == 1 and self.rows(self.n_chunks) >= self.n_chunks
+
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.tensors, self.chunks, self.coefs, self.partials
 
     def rows(self, n_chunks: int) -> int:
         """Chunks per program: 1 compiled; interpreted, as many as fit a tile of _INTERP_TILE."""
@@ -141,6 +132,7 @@ class TritonBackend:
         self._tl = {torch.float16: triton_kernels.tl.float16, torch.bfloat16: triton_kernels.tl.bfloat16,
                     torch.float32: triton_kernels.tl.float32, torch.float64: triton_kernels.tl.float64}
         self._tables: _Tables | None = None
+        self._device_tables = DeviceTables(self.name)
         self._settings_key = None
         self._hyper: torch.Tensor | None = None
         self._schedules: torch.Tensor | None = None
@@ -148,6 +140,7 @@ class TritonBackend:
         self._rule = L.RULE_SGD
         self._update_key = None
         self._update_flags: dict = {}
+        self._pending: tuple | None = None  # (norm, tables) whose partials the next prepare_kernel sums
         self.rebuilds = 0  # tables built from a new plan (not gradient refreshes): the cache's observable behaviour
 
     def unsupported(self, plan: Plan) -> str | None:
@@ -157,17 +150,21 @@ class TritonBackend:
     # ------------------------------------------------------------------ device copies
     def _tables_for(self, plan: Plan) -> _Tables:
         tab = self._tables
-        if tab is None or tab.plan is not plan or (_spans_may_move(tab, plan) and (
-                tab.aligned != _aligned_rows(plan)).any()):
+        if tab is None or tab.plan is not plan:
+            tab = self._tables = _Tables(plan, self._interpreted, self._device_tables, NEW_PLAN)
             self.rebuilds += 1
-            tab = self._tables = _Tables(plan, self._interpreted)
+        elif _spans_may_move(tab, plan) and (tab.aligned != _aligned_rows(plan)).any():
+            tab = self._tables = _Tables(plan, self._interpreted, self._device_tables,
+                                         "a gradient moved to an address of another alignment")
+            self.rebuilds += 1
         elif tab.versions != (plan.grad_version, plan.state_version):
-            if plan.device.type == "cuda":  # the interpreter reads the plan's array itself
-                _upload(plan.table, plan.device, into=tab.tensors)
+            if tab.copied:
+                tab.tensors = self._device_tables.upload(plan.table, plan.device, tab.tensors, why=NEW_ADDRESSES)
             tab.versions = (plan.grad_version, plan.state_version)
         return tab
 
-    def _settings_for(self, settings: Settings, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _settings_for(self, settings: Settings, device: torch.device,
+                      capturing: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The hyper rows (plus the optimizer-wide row) and schedule tables on the device, and the
         constexpr feature flags: which features any group uses and which schedule kinds occur, so
         kernels compile only those."""
@@ -180,11 +177,9 @@ class TritonBackend:
             wide[0, K.O_RATE_POWER] = settings.lr_norm_power
             wide[0, K.O_RATE_EPS] = settings.lr_norm_eps
             hyper = np.concatenate([settings.hyper, wide])
-            same = self._hyper is not None and self._hyper.shape == hyper.shape and self._hyper.device == device
-            self._hyper = _upload(hyper, device, into=self._hyper if same else None)
-            same = self._schedules is not None and self._schedules.shape == settings.schedules.shape \
-                and self._schedules.device == device
-            self._schedules = _upload(settings.schedules, device, into=self._schedules if same else None)
+            self._hyper = self._device_tables.upload(hyper, device, self._hyper, why=NEW_SETTINGS)
+            self._schedules = self._device_tables.upload(settings.schedules, device, self._schedules,
+                                                         why=NEW_SETTINGS)
             flags = settings.hyper[:, L.H_FLAGS].astype(np.int64)
             wd = settings.hyper[:, L.H_WEIGHT_DECAY] != 0
             decoupled = (flags & L.F_DECOUPLED) != 0
@@ -201,17 +196,27 @@ class TritonBackend:
                 KINDS=int(sum(1 << k for k in set(settings.schedules[:, :, 1][used].astype(int).tolist()))),
             )
             self._settings_key = key
-        for gi, lr in settings.lr_tensors.items():
-            # a tensor lr is read on the device each step: LR column = host scale x the tensor
-            self._hyper[gi, L.H_LR].copy_(lr.to(device=device, dtype=torch.float64) * settings.hyper[gi, L.H_LR])
+        if settings.lr_tensors:
+            if capturing:
+                if any(lr.device != device for lr in settings.lr_tensors.values()):
+                    raise RuntimeError(f"fused_lr triton backend: an lr tensor that is not on {device} cannot be "
+                                       f"read by a captured step; put it there")
+            elif self._device_tables.held(self._hyper):
+                # a captured graph writes the LR column of its hyper rows itself at replay: eager
+                # steps write their own copy
+                self._hyper = self._hyper.clone()
+            for gi, lr in settings.lr_tensors.items():
+                # a tensor lr is read on the device each step: LR column = host scale x the tensor
+                self._hyper[gi, L.H_LR].copy_(lr.to(device=device, dtype=torch.float64) * settings.hyper[gi, L.H_LR])
         return self._hyper, self._schedules, self._flags
 
     # ------------------------------------------------------------------ the contract
-    def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars) -> torch.Tensor:
+    def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars, final: bool = True) -> torch.Tensor:
         K = self._k
+        capturing = self._device_tables.capturing(plan.device)
         tab = self._tables_for(plan)
         self._rule = plan.rule
-        hyper, _, _ = self._settings_for(settings, plan.device)
+        hyper, _, _ = self._settings_for(settings, plan.device, capturing)
         out = torch.empty((), dtype=plan.norm_dtype, device=plan.device)
         scale = scalars.grad_scale if scalars.grad_scale is not None else hyper
         n_groups = len(settings.groups)
@@ -222,16 +227,21 @@ class TritonBackend:
                     DTYPE=self._tl[dtype], HAS_SCALE=scalars.grad_scale is not None,
                     HAS_CLIP_VALUE=settings.clip_value is not None, FINAL=tab.final, ALIGNED=aligned, ROWS=rows,
                     BLOCK=tab.block, CHUNK=tab.chunk)
-            if not tab.final:
+            if not tab.final and final:
                 K.sqrt_sum_kernel[(1,)](tab.partials, tab.n_chunks, out, BLOCK=_SUM_BLOCK)
+        # not final: prepare_kernel sums the partials into it (one launch less)
+        self._pending = None if tab.final or final else (out, tab)
+        if capturing:
+            self._device_tables.hold(*tab.buffers(), hyper)
         return out
 
     def update(self, plan: Plan, settings: Settings, clocks: torch.Tensor, scalars: StepScalars,
                norm: torch.Tensor | None) -> None:
         K = self._k
+        capturing = self._device_tables.capturing(plan.device)
         tab = self._tables_for(plan)
         self._rule = plan.rule
-        hyper, schedules, flags = self._settings_for(settings, plan.device)
+        hyper, schedules, flags = self._settings_for(settings, plan.device, capturing)
         found = scalars.found_inf if scalars.found_inf is not None else hyper
         scale = scalars.grad_scale if scalars.grad_scale is not None else hyper
         n_groups = len(settings.groups)
@@ -247,15 +257,20 @@ class TritonBackend:
                 MOMENTUM=flags["MOMENTUM"], NESTEROV=flags["NESTEROV"], AMSGRAD=flags["AMSGRAD"],
                 CENTERED=flags["CENTERED"], BLOCK=tab.block, CHUNK=tab.chunk)
         update_flags = self._update_flags
+        finish = self._pending is not None and norm is self._pending[0] and tab is self._pending[1]
+        self._pending = None
         with _device(plan.device):
             K.prepare_kernel[(1,)](
                 tab.tensors, tab.n_tensors, hyper, schedules, clocks, n_groups, tab.coefs,
-                norm if norm is not None else hyper, scale, found,
+                norm if norm is not None else hyper, tab.partials, tab.n_chunks, scale, found,
                 HAS_CLIP=clip, HAS_RATE=settings.lr_norm_power != 0, HAS_SCALE=has_scale,
-                HAS_FOUND=scalars.found_inf is not None, RULE=plan.rule, KINDS=flags["KINDS"], BLOCK=_PREPARE_BLOCK)
+                HAS_FOUND=scalars.found_inf is not None, FINISH=finish, RULE=plan.rule, KINDS=flags["KINDS"],
+                BLOCK=_PREPARE_BLOCK, SUM_BLOCK=_SUM_BLOCK)
             for dtype, chunks, n, _, aligned, rows, grid in tab.launches:
                 K.update_kernel[grid](tab.tensors, chunks, n, tab.n_tensors, hyper, n_groups, tab.coefs,
                                       DTYPE=self._tl[dtype], ALIGNED=aligned, ROWS=rows, **update_flags)
+        if capturing:
+            self._device_tables.hold(*tab.buffers(), hyper, schedules)
 
 
 def _is_interpreted(kernels) -> bool:

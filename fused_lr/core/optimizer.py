@@ -700,7 +700,9 @@ class FusedOptimizer(Optimizer):
             runner = self._runner(plan)
             norm = None
             if needs_norm:
-                norm = runner.grad_norm(plan, settings, scalars)
+                # read before update only for the non-finite check and the all-reduce
+                final = self.error_if_nonfinite or self._norm_group is not None
+                norm = runner.grad_norm(plan, settings, scalars, final)
                 if self._norm_group is not None:
                     norm = self._global_norm(norm)
                 # the one host read a step may make (docs/step.md): only when asked to check the norm

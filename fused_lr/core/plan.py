@@ -201,9 +201,11 @@ class Backend(Protocol):
     name: str
     devices: frozenset[str]  # device types the backend runs on ("cpu", "cuda")
 
-    def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars) -> torch.Tensor:
+    def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars, final: bool = True) -> torch.Tensor:
         """The global norm of the processed gradients (docs/step.md steps 0-2), a 0-dim tensor of
-        ``plan.norm_dtype`` on ``plan.device``. Changes nothing."""
+        ``plan.norm_dtype`` on ``plan.device``. Changes nothing. With ``final`` False nothing reads
+        the tensor before ``update``, which it must then be handed to: a GPU backend may leave its
+        last summation to update's first launch (one launch less a step)."""
 
     def update(self, plan: Plan, settings: Settings, clocks: torch.Tensor, scalars: StepScalars,
                norm: torch.Tensor | None) -> None:

@@ -271,10 +271,20 @@ def _clamp(g, clip_value):
 # ----------------------------------------------------------------------------- norm
 @triton.jit
 def _store_sqrt(out, total):
-    if total.dtype.is_fp32():
-        tl.store(out, tl.sqrt_rn(total))  # tl.sqrt may be approximate in float32
-    else:
-        tl.store(out, tl.sqrt(total))
+    """sqrt(total) correctly rounded, stored to ``out`` and returned in its dtype."""
+    root = _sqrt(total).to(out.dtype.element_ty)
+    tl.store(out, root)
+    return root
+
+
+@triton.jit
+def _sum_sqrt(partials, n, out, BLOCK: tl.constexpr):
+    """sqrt(sum(partials[:n])) in a fixed order, stored to ``out`` and returned in its dtype."""
+    acc = tl.full([BLOCK], 0.0, partials.dtype.element_ty)
+    for s in range(0, n, BLOCK):
+        idx = s + tl.arange(0, BLOCK)
+        acc += tl.load(partials + idx, mask=idx < n, other=0.0)
+    return _store_sqrt(out, tl.reduce(acc, 0, tl.standard._sum_combine))
 
 
 @triton.jit
@@ -294,9 +304,9 @@ def sumsq_kernel(tensors, chunks, n_chunks, partials, out, hyper, scale, n_group
                  DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr, FINAL: tl.constexpr,
                  ALIGNED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """partials[i] = sum of squares of the processed gradient (unscaled, value-clipped; the
-    maximize sign does not matter) over chunk i. No atomics: sqrt_sum_kernel adds the partials
-    in a fixed order, so the norm is deterministic. FINAL (this one program has every chunk):
-    write the norm to ``out`` directly."""
+    maximize sign does not matter) over chunk i. No atomics: prepare_kernel (or sqrt_sum_kernel,
+    when the host reads the norm before the step) adds the partials in a fixed order, so the norm
+    is deterministic. FINAL (this one program has every chunk): write the norm to ``out`` directly."""
     ACC: tl.constexpr = partials.dtype.element_ty
     COMPUTE: tl.constexpr = tl.float64 if DTYPE.is_fp64() else tl.float32
     c, _, row, start, end = _chunks(tensors, chunks, n_chunks, ROWS, CHUNK)
@@ -325,27 +335,28 @@ def sumsq_kernel(tensors, chunks, n_chunks, partials, out, hyper, scale, n_group
 @triton.jit
 def sqrt_sum_kernel(partials, n, out, BLOCK: tl.constexpr):
     """out = sqrt(sum(partials[:n])): one program, a fixed order."""
-    ACC: tl.constexpr = partials.dtype.element_ty
-    acc = tl.full([BLOCK], 0.0, ACC)
-    for s in range(0, n, BLOCK):
-        idx = s + tl.arange(0, BLOCK)
-        acc += tl.load(partials + idx, mask=idx < n, other=0.0)
-    _store_sqrt(out, tl.reduce(acc, 0, tl.standard._sum_combine))
+    _sum_sqrt(partials, n, out, BLOCK)
 
 
 # ----------------------------------------------------------------------------- update
 @triton.jit
-def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, coefs, norm, scale, found,
-                   HAS_CLIP: tl.constexpr, HAS_RATE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
-                   RULE: tl.constexpr, KINDS: tl.constexpr, BLOCK: tl.constexpr):
-    """One program, before update_kernel: the step-wide scalars (clip coefficient, 1/grad_scale,
-    go = not skipped) and, per tensor, the lr = kernel lr x schedule(its group's clock), the
-    decoupled decay factor and whether its state starts now (step count 0); then every step
-    count and, once all are read, every group clock advance by go. Everything stays on the device."""
+def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, coefs, norm, partials, n_partials, scale,
+                   found, HAS_CLIP: tl.constexpr, HAS_RATE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   HAS_FOUND: tl.constexpr, FINISH: tl.constexpr, RULE: tl.constexpr, KINDS: tl.constexpr,
+                   BLOCK: tl.constexpr, SUM_BLOCK: tl.constexpr):
+    """One program, before update_kernel: with FINISH the norm from sumsq_kernel's partials (into
+    ``norm``: no launch of its own); the step-wide scalars (clip coefficient, 1/grad_scale, go = not
+    skipped) and, per tensor, the lr = kernel lr x schedule(its group's clock), the decoupled decay
+    factor and whether its state starts now (step count 0); then every step count and, once all
+    are read, every group clock advance by go. Everything stays on the device."""
     wide = hyper + n_groups * _HYPER_COLS
+    if FINISH:
+        nv = _sum_sqrt(partials, n_partials, norm, SUM_BLOCK)
+    elif HAS_RATE or HAS_CLIP:
+        nv = tl.load(norm)
     rate = tl.full((), 1.0, tl.float64)
     if HAS_RATE:  # the gradient-norm rate (N + eps) ** -power, on the norm before clipping
-        n_eps = tl.load(norm).to(tl.float64) + tl.load(wide + _H_RATE_EPS)
+        n_eps = nv.to(tl.float64) + tl.load(wide + _H_RATE_EPS)
         rate = tl.exp(-tl.load(wide + _H_RATE_POWER) * tl.log(n_eps))
     go = tl.full((), 1.0, tl.float64)
     if HAS_FOUND:
@@ -353,7 +364,6 @@ def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, coefs, n
     coef = tl.full((), 1.0, tl.float64)
     if HAS_CLIP:
         # c = min(1, C / (N + eps)) as torch evaluates it: in N's dtype, C / x as reciprocal(x) * C
-        nv = tl.load(norm)
         c = _recip(nv + _NORM_EPS) * tl.load(hyper + n_groups * _HYPER_COLS + _H_MAX_NORM).to(nv.dtype)
         coef = tl.where(c > 1.0, 1.0, c).to(tl.float64)  # keeps a NaN norm NaN, as torch.clamp does
     inv = tl.full((), 1.0, tl.float64)

@@ -44,7 +44,7 @@ ALWAYS = ("env", "build")  # run under --only too: every other item needs them o
 EAGER_SPEEDUP = 1.25  # ResNet-50 fp32 clipped step, eager wall time, over torch's fused path
 GRAPH_SPEEDUP = 1.3  # the same, both steps captured in CUDA graphs (GPU time per replay)
 UPDATE_FRACTION = 0.85  # the update kernel's bandwidth over the copy probe's
-LAUNCHES_PER_BUCKET = 4  # GPU operations per dtype bucket per step
+LAUNCHES_PER_BUCKET = 3  # GPU operations per dtype bucket per step (norm partials, prepare, update)
 TORCH = "torch fused"  # recipe.BASELINE: gpu.py's name for torch's SGD(fused=True) + clip_grad_norm_
 FUSED_BACKENDS = ("cuda", "triton")
 
