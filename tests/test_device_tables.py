@@ -191,20 +191,31 @@ def test_a_graph_keeps_the_tables_it_captured(capture, name):
         opt.step()
 
 
-def test_a_triton_graph_writes_its_own_tensor_lr_column(capture):
-    """A tensor lr is read on the device by every step, captured or eager: Triton writes it into
-    the LR column of its hyper rows. After a capture, eager steps write a copy of those rows, so
-    the captured rows stay as the graph alone writes them."""
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_a_tensor_lr_is_read_at_its_address(capture, name):
+    """A tensor lr is read on the device by every step, captured or eager, at its address: neither
+    backend rewrites its tables for it (no launch or copy of its own per step), so a captured graph
+    reads the lr as it is at each replay and its hyper rows stay as captured. Moving the lr's memory
+    (lr.data = ...) is noticed and re-addressed, outside a capture."""
     lr = torch.tensor(0.1, dtype=torch.float64)
-    params, opt, backend = _setup("triton", lr=lr)
+    params, opt, backend = _setup(name, lr=lr)
     opt.step()
     opt.step()
+    hyper, lrs = _hyper(backend), _lr_table(backend)
+    hyper_then, lrs_then = hyper.clone(), lrs.clone()
+    assert lr.data_ptr() in lrs.flatten().tolist()
     capture[0] = True
     opt.step()
     capture[0] = False
-    hyper = backend._hyper
-    hyper_then = hyper.clone()
     lr.fill_(0.02)
     opt.step()
-    assert torch.equal(hyper, hyper_then) and backend._hyper is not hyper
-    assert float(backend._hyper[0, L.H_LR]) == pytest.approx(0.02)
+    assert _hyper(backend) is hyper and torch.equal(hyper, hyper_then)
+    assert _lr_table(backend) is lrs and torch.equal(lrs, lrs_then)
+    lr.data = torch.tensor(0.03, dtype=torch.float64)  # the same tensor, its memory elsewhere
+    opt.step()
+    assert lr.data_ptr() in _lr_table(backend).flatten().tolist()
+    assert _lr_table(backend) is not lrs and torch.equal(lrs, lrs_then)  # the captured table is kept
+
+
+def _lr_table(backend) -> torch.Tensor:
+    return backend._lrs if backend.name == "triton" else backend._groups.lrs

@@ -356,16 +356,16 @@ _COMPILE_ALL = textwrap.dedent("""
         compile(K.sqrt_sum_kernel, {"partials": "*fp64", "n": "i32", "out": acc}, dict(BLOCK=1024))
     prepare = {"tensors": "*i64", "n_tensors": "i32", "hyper": "*fp64", "tables": "*fp64", "clocks": "*fp32",
                "n_groups": "i32", "coefs": "*fp64", "partials": "*fp64", "n_partials": "i32", "scale": "*fp32",
-               "found": "*fp32"}
+               "found": "*fp32", "lrs": "*i64"}
     for norm in ("*fp32", "*fp64"):
         for rule in range(4):
             for finish in (False, True):
                 compile(K.prepare_kernel, {**prepare, "norm": norm},
-                        dict(HAS_CLIP=True, HAS_RATE=True, HAS_SCALE=True, HAS_FOUND=True, FINISH=finish, RULE=rule,
-                             KINDS=ALL_KINDS, BLOCK=128, SUM_BLOCK=1024))
+                        dict(HAS_LR_TENSORS=finish, HAS_CLIP=True, HAS_RATE=True, HAS_SCALE=True, HAS_FOUND=True,
+                             FINISH=finish, RULE=rule, KINDS=ALL_KINDS, BLOCK=128, SUM_BLOCK=1024))
     compile(K.prepare_kernel, {**prepare, "norm": "*fp32"},
-            dict(HAS_CLIP=False, HAS_RATE=False, HAS_SCALE=False, HAS_FOUND=False, FINISH=False, RULE=0, KINDS=1,
-                 BLOCK=128, SUM_BLOCK=1024))
+            dict(HAS_LR_TENSORS=False, HAS_CLIP=False, HAS_RATE=False, HAS_SCALE=False, HAS_FOUND=False, FINISH=False,
+                 RULE=0, KINDS=1, BLOCK=128, SUM_BLOCK=1024))
     print("compiled")
 """)
 
@@ -460,3 +460,26 @@ def test_launches_per_step(check):
         else:
             assert counts == [("sumsq_kernel", None), ("prepare_kernel", True), ("update_kernel", None)]
     assert opt.backend == "triton"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float16], ids=["float32-lr", "float16-lr-staged"])
+def test_tensor_lrs_read_on_the_device(lr_dtype):
+    """A float32 lr tensor is read at its address by prepare_kernel; one of another dtype is staged
+    into a float64 slot each step. Either way the reference's numbers, after the lr tensor changed
+    in place. float64 parameters: the same operations (TOL)."""
+    base = [torch.randn(n, dtype=torch.float64) for n in (7, 300)]
+    runs = []
+    for backend in ("triton", "reference"):
+        params = [b.clone().requires_grad_() for b in base]
+        lr = torch.tensor(0.1, dtype=lr_dtype)
+        opt = make_opt(params, backend, lr=lr, schedule=schedules.Cosine(6))
+        for step in range(4):
+            if step == 2:
+                lr.fill_(0.05)
+            fill_grads(params, step)
+            opt.step()
+        assert opt.backend == backend
+        runs.append(params)
+    for got, want in zip(*runs, strict=True):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])

@@ -136,6 +136,12 @@ class TritonBackend:
         self._settings_key = None
         self._hyper: torch.Tensor | None = None
         self._schedules: torch.Tensor | None = None
+        # tensor lrs, read at their addresses by prepare_kernel: (2, G) float32 then float64 addresses
+        self._lrs: torch.Tensor | None = None
+        self._lr_watch: list = []  # (lr tensor, its address when the table was written)
+        self._lr_staged: list = []  # (float64 slot, lr) for lrs of another dtype or device: copied each step
+        self._lr_key = None  # the settings key the address table was written for
+        self._lr_stage: torch.Tensor | None = None
         self._flags: dict = {}
         self._rule = L.RULE_SGD
         self._update_key = None
@@ -196,19 +202,34 @@ class TritonBackend:
                 KINDS=int(sum(1 << k for k in set(settings.schedules[:, :, 1][used].astype(int).tolist()))),
             )
             self._settings_key = key
-        if settings.lr_tensors:
-            if capturing:
-                if any(lr.device != device for lr in settings.lr_tensors.values()):
-                    raise RuntimeError(f"fused_lr triton backend: an lr tensor that is not on {device} cannot be "
-                                       f"read by a captured step; put it there")
-            elif self._device_tables.held(self._hyper):
-                # a captured graph writes the LR column of its hyper rows itself at replay: eager
-                # steps write their own copy
-                self._hyper = self._hyper.clone()
-            for gi, lr in settings.lr_tensors.items():
-                # a tensor lr is read on the device each step: LR column = host scale x the tensor
-                self._hyper[gi, L.H_LR].copy_(lr.to(device=device, dtype=torch.float64) * settings.hyper[gi, L.H_LR])
         return self._hyper, self._schedules, self._flags
+
+    def _lr_table(self, settings: Settings, device: torch.device, capturing: bool) -> None:
+        """The addresses of the groups' lr tensors, which prepare_kernel multiplies into their LR
+        column on the device (no launch of their own): rewritten when the settings changed or an
+        lr tensor's memory moved (lr.set_(), lr.data = ...); an lr of another dtype or device is
+        staged into a float64 slot each step (a copy, which a captured step cannot replay)."""
+        if (self._lr_key != self._settings_key or any(t.data_ptr() != ptr for t, ptr in self._lr_watch)):
+            n = len(settings.groups)
+            staged = [gi for gi, t in settings.lr_tensors.items()
+                      if t.device != device or t.dtype not in (torch.float32, torch.float64)]
+            stage = self._lr_stage = torch.empty(len(staged), dtype=torch.float64, device=device)
+            rows = np.zeros((2, n), dtype=np.int64)
+            for gi, t in settings.lr_tensors.items():
+                if gi not in staged:
+                    rows[int(t.dtype == torch.float64), gi] = t.data_ptr()
+            for j, gi in enumerate(staged):
+                rows[1, gi] = stage[j].data_ptr()
+            self._lrs = self._device_tables.upload(rows, device, self._lrs, why=NEW_SETTINGS)
+            self._lr_staged = [(stage[j], settings.lr_tensors[gi].reshape(())) for j, gi in enumerate(staged)]
+            self._lr_watch = [(t, t.data_ptr()) for t in settings.lr_tensors.values()]
+            self._lr_key = self._settings_key
+        if self._lr_staged:
+            if capturing:
+                raise RuntimeError(f"fused_lr triton backend: an lr tensor that is not a float32 or float64 tensor on "
+                                   f"{device} cannot be read by a captured step; put it there")
+            for slot, lr in self._lr_staged:
+                slot.copy_(lr, non_blocking=True)
 
     # ------------------------------------------------------------------ the contract
     def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars, final: bool = True) -> torch.Tensor:
@@ -257,12 +278,15 @@ class TritonBackend:
                 MOMENTUM=flags["MOMENTUM"], NESTEROV=flags["NESTEROV"], AMSGRAD=flags["AMSGRAD"],
                 CENTERED=flags["CENTERED"], BLOCK=tab.block, CHUNK=tab.chunk)
         update_flags = self._update_flags
+        if settings.lr_tensors:
+            self._lr_table(settings, plan.device, capturing)
         finish = self._pending is not None and norm is self._pending[0] and tab is self._pending[1]
         self._pending = None
         with _device(plan.device):
             K.prepare_kernel[(1,)](
                 tab.tensors, tab.n_tensors, hyper, schedules, clocks, n_groups, tab.coefs,
                 norm if norm is not None else hyper, tab.partials, tab.n_chunks, scale, found,
+                self._lrs if settings.lr_tensors else tab.tensors, HAS_LR_TENSORS=bool(settings.lr_tensors),
                 HAS_CLIP=clip, HAS_RATE=settings.lr_norm_power != 0, HAS_SCALE=has_scale,
                 HAS_FOUND=scalars.found_inf is not None, FINISH=finish, RULE=plan.rule, KINDS=flags["KINDS"],
                 BLOCK=_PREPARE_BLOCK, SUM_BLOCK=_SUM_BLOCK)
@@ -270,7 +294,8 @@ class TritonBackend:
                 K.update_kernel[grid](tab.tensors, chunks, n, tab.n_tensors, hyper, n_groups, tab.coefs,
                                       DTYPE=self._tl[dtype], ALIGNED=aligned, ROWS=rows, **update_flags)
         if capturing:
-            self._device_tables.hold(*tab.buffers(), hyper, schedules)
+            lrs = (self._lrs, self._lr_stage) if settings.lr_tensors else ()
+            self._device_tables.hold(*tab.buffers(), hyper, schedules, *lrs)
 
 
 def _is_interpreted(kernels) -> bool:

@@ -341,14 +341,16 @@ def sqrt_sum_kernel(partials, n, out, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------- update
 @triton.jit
 def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, coefs, norm, partials, n_partials, scale,
-                   found, HAS_CLIP: tl.constexpr, HAS_RATE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                   HAS_FOUND: tl.constexpr, FINISH: tl.constexpr, RULE: tl.constexpr, KINDS: tl.constexpr,
-                   BLOCK: tl.constexpr, SUM_BLOCK: tl.constexpr):
+                   found, lrs, HAS_LR_TENSORS: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_RATE: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, FINISH: tl.constexpr, RULE: tl.constexpr,
+                   KINDS: tl.constexpr, BLOCK: tl.constexpr, SUM_BLOCK: tl.constexpr):
     """One program, before update_kernel: with FINISH the norm from sumsq_kernel's partials (into
     ``norm``: no launch of its own); the step-wide scalars (clip coefficient, 1/grad_scale, go = not
     skipped) and, per tensor, the lr = kernel lr x schedule(its group's clock), the decoupled decay
     factor and whether its state starts now (step count 0); then every step count and, once all
-    are read, every group clock advance by go. Everything stays on the device."""
+    are read, every group clock advance by go. ``lrs`` (HAS_LR_TENSORS): per group the address of
+    its float32 lr tensor, then per group that of its float64 one (0: none), read here, times the
+    LR column (the schedule's host scale for such a group). Everything stays on the device."""
     wide = hyper + n_groups * _HYPER_COLS
     if FINISH:
         nv = _sum_sqrt(partials, n_partials, norm, SUM_BLOCK)
@@ -382,7 +384,13 @@ def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, coefs, n
         group = tl.load(row + _T_GROUP, mask=m, other=0)
         h = hyper + group * _HYPER_COLS
         k = tl.load(clocks + group, mask=m, other=0.0).to(tl.float64)
-        lr = tl.load(h + _H_LR, mask=m, other=0.0) * _eval_tables(tables + group * (_SEGS * _ROW), k, m, KINDS)
+        base = tl.load(h + _H_LR, mask=m, other=0.0)
+        if HAS_LR_TENSORS:  # as CUDA's prepare_row: base x the float32 lr, then x the float64 one
+            a32 = tl.load(lrs + group, mask=m, other=0)
+            a64 = tl.load(lrs + n_groups + group, mask=m, other=0)
+            base *= tl.load(a32.to(tl.pointer_type(tl.float32)), mask=m & (a32 != 0), other=1.0).to(tl.float64)
+            base *= tl.load(a64.to(tl.pointer_type(tl.float64)), mask=m & (a64 != 0), other=1.0)
+        lr = base * _eval_tables(tables + group * (_SEGS * _ROW), k, m, KINDS)
         lr = lr * rate
         flags = tl.load(h + _H_FLAGS, mask=m, other=0.0).to(tl.int32)
         decoupled_wd = tl.where((flags & _F_DECOUPLED) != 0, tl.load(h + _H_WD, mask=m, other=0.0), 0.0)
