@@ -79,7 +79,7 @@ PYBIND11_MODULE(_cuda, m) {
 
   m.def(
       "step",
-      [](int rule, uintptr_t table, uintptr_t blocks, int64_t n_tensors, const std::vector<int>& dtypes,
+      [](int rule, int64_t program, uintptr_t table, uintptr_t blocks, int64_t n_tensors, const std::vector<int>& dtypes,
          const std::vector<int64_t>& first_blocks, const std::vector<int64_t>& n_blocks, uintptr_t hyper,
          uintptr_t sched, uintptr_t lr32, uintptr_t lr64, uintptr_t clocks, int64_t n_groups, uintptr_t scratch,
          uintptr_t norm, bool norm_is_double, uintptr_t partials, int64_t n_partials, bool clip_by_norm, double max_norm, double rate_power,
@@ -90,7 +90,7 @@ PYBIND11_MODULE(_cuda, m) {
         s.prepare = {ptr<const int64_t>(table), n_tensors, ptr<const double>(hyper), ptr<const double>(sched),
                      ptr<const int64_t>(lr32), ptr<const int64_t>(lr64), ptr<const float>(clocks),
                      ptr<void>(norm), norm_is_double, ptr<const double>(partials), n_partials, clip_by_norm, max_norm, rate_power, rate_eps,
-                     ptr<const float>(grad_scale), ptr<const float>(found_inf), ptr<double>(scratch)};
+                     ptr<const float>(grad_scale), ptr<const float>(found_inf), ptr<double>(scratch), program};
         s.update = {ptr<const int64_t>(table), ptr<const int32_t>(blocks), n_tensors, ptr<const double>(hyper),
                     ptr<const double>(scratch), has_clip_value, clip_value};
         s.buckets = buckets(dtypes, first_blocks, n_blocks);
@@ -98,7 +98,7 @@ PYBIND11_MODULE(_cuda, m) {
         s.n_groups = n_groups;
         raise_if(flr::launch_step(s, device, ptr<void>(stream)));
       },
-      py::arg("rule"), py::arg("table"), py::arg("blocks"), py::arg("n_tensors"), py::arg("dtypes"),
+      py::arg("rule"), py::arg("program"), py::arg("table"), py::arg("blocks"), py::arg("n_tensors"), py::arg("dtypes"),
       py::arg("first_blocks"), py::arg("n_blocks"), py::arg("hyper"), py::arg("sched"), py::arg("lr32"),
       py::arg("lr64"), py::arg("clocks"), py::arg("n_groups"), py::arg("scratch"), py::arg("norm"),
       py::arg("norm_is_double"), py::arg("partials"), py::arg("n_partials"), py::arg("clip_by_norm"), py::arg("max_norm"), py::arg("rate_power"),

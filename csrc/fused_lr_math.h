@@ -166,56 +166,48 @@ struct PrepareArgs {
   const float* grad_scale;  // null without a GradScaler
   const float* found_inf;   // null: the step is never skipped
   double* scratch;          // (n_tensors + 1, COEF_COLS), written here
+  int64_t program;          // the rule's coefficient program (fused_lr/core/layout.py, program)
 };
 
-// The rule's coefficients of one tensor into out[C_LR] and out[C0..C4], from its group's rule
-// columns r (fused_lr/optim/*.py rule_row), the scheduled lr and the tensor's step count before
-// this update. In float64, as the reference computes its Python scalars; the update rounds each
-// to the math type, as torch rounds a Python number for a tensor.
-//   SGD      lr; C0 momentum, C1 1 - dampening (the columns as they are)
-//   Adam     lr / (1 - b1^t) with t = step + 1; C0 1 - b1, C1 b2, C2 1 - b2, C3 sqrt(1 - b2^t), C4 eps
-//            (the reference's (1 - b2^t) ** 0.5 as sqrt: correctly rounded on host and device alike)
-//   RMSprop  lr; C0 alpha, C1 1 - alpha, C2 eps, C3 momentum
-//   Adagrad  lr / (1 + step x lr_decay); C0 eps
+// The rule's coefficients of one tensor into out[C_LR] and out[C0..C4] by its coefficient program
+// (fused_lr/core/layout.py, program: the optimizer declares it), from its group's rule columns r
+// (fused_lr/optim/*.py rule_row), the scheduled lr and the tensor's step count before this update
+// (t = step + 1 after it). In float64, as the reference computes its Python scalars; the update
+// rounds each to the math type, as torch rounds a Python number for a tensor. SQRT_BIAS is the
+// reference's (1 - b^t) ** 0.5 as sqrt: correctly rounded on host and device alike. A kind without
+// a formula here gives NaN, never another kind's value.
 // A call on the device: inlined into prepare_row, its pow calls made ptxas spill around the
 // schedule's (nvcc -Xptxas -v).
-FLR_HD_CALL void rule_coefs(int rule, const double* r, double lr, double step, double* out) {
-  double* c = out + L::C_C0;
-  for (int j = 0; j < L::RULE_COLS; ++j) c[j] = 0.0;
-  out[L::C_LR] = lr;
-  switch (rule) {
-    case L::RULE_ADAM: {
-      const double t = step + 1.0;
-      out[L::C_LR] = lr / (1.0 - pow(r[0], t));
-      c[0] = 1.0 - r[0];
-      c[1] = r[1];
-      c[2] = 1.0 - r[1];
-      c[3] = sqrt(1.0 - pow(r[1], t));
-      c[4] = r[2];
-      break;
+FLR_HD_CALL void rule_coefs(int64_t program, const double* r, double lr, double step, double* out) {
+  constexpr int64_t SLOT = (int64_t{1} << L::PROGRAM_BITS) - 1;
+  const double t = step + 1.0;
+  const int64_t lr_code = program & SLOT;
+  const double rl = r[lr_code & 7];
+  switch (lr_code >> 3) {
+    case L::LRK_PLAIN: out[L::C_LR] = lr; break;
+    case L::LRK_BIAS: out[L::C_LR] = lr / (1.0 - pow(rl, t)); break;
+    case L::LRK_DECAY: out[L::C_LR] = lr / (1.0 + step * rl); break;  // step = t - 1 earlier updates
+    default: out[L::C_LR] = NAN;
+  }
+  for (int i = 0; i < L::RULE_COLS; ++i) {
+    const int64_t code = (program >> (L::PROGRAM_BITS * (i + 1))) & SLOT;
+    const double rj = r[code & 7];
+    double c;
+    switch (code >> 3) {
+      case L::CK_ZERO: c = 0.0; break;
+      case L::CK_COPY: c = rj; break;
+      case L::CK_ONE_MINUS: c = 1.0 - rj; break;
+      case L::CK_SQRT_BIAS: c = sqrt(1.0 - pow(rj, t)); break;
+      default: c = NAN;
     }
-    case L::RULE_RMSPROP:
-      c[0] = r[0];
-      c[1] = 1.0 - r[0];
-      c[2] = r[1];
-      c[3] = r[2];
-      break;
-    case L::RULE_ADAGRAD:
-      out[L::C_LR] = lr / (1.0 + step * r[0]);
-      c[0] = r[1];
-      break;
-    case L::RULE_SGD:
-      for (int j = 0; j < L::RULE_COLS; ++j) c[j] = r[j];
-      break;
-    default:  // a rule without coefficients here: a NaN step, never another rule's (the host refuses it first)
-      out[L::C_LR] = NAN;
+    out[L::C_C0 + i] = c;
   }
 }
 
 // Scratch row t: tensor t's scalars for this step; row n_tensors: the step-wide ones. Reads the
 // clocks and step counts without changing them (increment_row advances them once every row has
-// read them). `rule`: the optimizer's RULES code.
-FLR_HD void prepare_row(const PrepareArgs& a, int rule, int64_t t) {
+// read them).
+FLR_HD void prepare_row(const PrepareArgs& a, int64_t t) {
   double* out = a.scratch + t * L::COEF_COLS;
   if (t == a.n_tensors) {
     double coef = 1.0;
@@ -245,7 +237,7 @@ FLR_HD void prepare_row(const PrepareArgs& a, int rule, int64_t t) {
   const double step = static_cast<double>(*reinterpret_cast<const float*>(row[L::T_STEP]));
   out[L::C_DECAY] = 1.0 - lr * h[L::H_WEIGHT_DECAY];  // with the scheduled lr, whatever the rule
   out[L::C_INIT] = step == 0.0 ? 1.0 : 0.0;
-  rule_coefs(rule, h + L::H_R0, lr, step, out);
+  rule_coefs(a.program, h + L::H_R0, lr, step, out);
 }
 
 // In prepare, once every row has been prepared (the update reads only the scratch): tensor i's

@@ -63,12 +63,12 @@ __global__ void __launch_bounds__(BLOCK) norm_finish_kernel(const double* partia
 
 // One block: the norm when the step finishes it (then visible to every thread), every row's scalars,
 // then (every row read) the step counts and clocks advanced.
-__global__ void __launch_bounds__(BLOCK) prepare_kernel(PrepareArgs a, int rule, float* clocks, int64_t n_groups) {
+__global__ void __launch_bounds__(BLOCK) prepare_kernel(PrepareArgs a, float* clocks, int64_t n_groups) {
   if (a.partials != nullptr) {
     finish_norm(a.partials, a.n_partials, a.norm, a.norm_is_double);
     __syncthreads();
   }
-  for (int64_t t = threadIdx.x; t <= a.n_tensors; t += BLOCK) prepare_row(a, rule, t);
+  for (int64_t t = threadIdx.x; t <= a.n_tensors; t += BLOCK) prepare_row(a, t);
   __syncthreads();
   const int64_t rows = a.n_tensors > n_groups ? a.n_tensors : n_groups;
   for (int64_t i = threadIdx.x; i < rows; i += BLOCK) increment_row(a.table, a.n_tensors, clocks, n_groups, a.scratch, i);
@@ -164,7 +164,7 @@ std::string launch_step(const StepLaunch& s, int device, void* stream) {
   const DeviceGuard guard(device);
   if (!guard.error().empty()) return guard.error();
   const auto st = static_cast<cudaStream_t>(stream);
-  prepare_kernel<<<1, BLOCK, 0, st>>>(s.prepare, s.rule, s.clocks, s.n_groups);
+  prepare_kernel<<<1, BLOCK, 0, st>>>(s.prepare, s.clocks, s.n_groups);
   for (const Bucket& b : s.buckets) {
     if (b.n_blocks == 0) continue;
     with_rule(s.rule, [&](auto rule) {

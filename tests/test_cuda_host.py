@@ -275,7 +275,7 @@ def _tensors(case):
 
 
 def _one_tensor_plan(p, g, states, step, rule=L.RULE_SGD):
-    plan = Plan.build(torch.device("cpu"), rule, [(0, 0, p, None)])
+    plan = Plan.build(torch.device("cpu"), rule, OPTIMIZERS[rule].coefficients, [(0, 0, p, None)])
     plan.bind([states], [torch.tensor(float(step))])
     plan.set_grads([g], lambda row: "the parameter")
     return plan
@@ -307,7 +307,8 @@ def _update_line(case, p, g, states):
             int(case["clip_by_norm"]), MAX_NORM, case["rate_power"], RATE_EPS, int(clip is not None), clip or 0.0,
             int(found is not None), found or 0.0, len(states), N]
     elems = torch.stack([p, g, *states.values()], dim=1).ravel().tolist()
-    return f"update {dtype} {case['rule']} {_fmt(_hyper_row(group, OPTIMIZERS[case['rule']]))} " \
+    cls = OPTIMIZERS[case["rule"]]
+    return f"update {dtype} {case['rule']} {cls.coefficients} {_fmt(_hyper_row(group, cls))} " \
            f"{_fmt(case['schedule'].table().ravel())} {_fmt(head)} {_fmt(elems)}"
 
 
@@ -432,7 +433,7 @@ def test_blocks_cover_every_element_once(host, chunk):
     block_range: every element of every tensor in exactly one block of at most CHUNK elements."""
     numels = [0, 1, 999, 1000, 1001, 0, 0, 5000, 3, 0, 2048]
     dtypes = [torch.float32] * 6 + [torch.float64] * 5
-    plan = Plan.build(torch.device("cpu"), L.RULE_SGD,
+    plan = Plan.build(torch.device("cpu"), L.RULE_SGD, FusedSGD.coefficients,
                       [(i, 0, torch.zeros(n, dtype=dt), None) for i, (n, dt) in enumerate(zip(numels, dtypes))])
     tabs = cb._Tables(plan, {torch.float32: 0, torch.float64: 1}, chunk, DeviceTables("cuda"))
     assert tabs.block_counts == (sum(-(-n // chunk) for n in numels[:6]), sum(-(-n // chunk) for n in numels[6:]))
@@ -477,10 +478,10 @@ class _HostTwin:
                                _ints(n_blocks, ctypes.c_int64), len(dtypes), *args, self.chunk, self.threads)
         assert rc == 0, "the host twin does not handle this dtype"
 
-    def step(self, rule, table, blocks, n_tensors, dtypes, first_blocks, n_blocks, *rest):
+    def step(self, rule, program, table, blocks, n_tensors, dtypes, first_blocks, n_blocks, *rest):
         *args, device, stream = rest
         assert (device, stream) == (-1, 0)
-        rc = self.lib.flr_step(rule, table, blocks, n_tensors, _ints(dtypes, ctypes.c_int),
+        rc = self.lib.flr_step(rule, program, table, blocks, n_tensors, _ints(dtypes, ctypes.c_int),
                                _ints(first_blocks, ctypes.c_int64), _ints(n_blocks, ctypes.c_int64), len(dtypes),
                                *args, self.chunk, self.threads)
         assert rc == 0, "the host twin does not handle this dtype or rule"
@@ -497,7 +498,8 @@ def twin_lib(tmp_path_factory, generated):
     lib.flr_norm.argtypes = [c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_int64,
                              c.c_void_p, c.c_int, c.c_double, c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_int64,
                              c.c_int]
-    lib.flr_step.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int,
+    lib.flr_step.argtypes = [c.c_int, c.c_int64, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p,
+                             c.c_void_p, c.c_int,
                              c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p,
                              c.c_void_p, c.c_int, c.c_void_p, c.c_int64, c.c_int, c.c_double, c.c_double, c.c_double,
                              c.c_void_p, c.c_void_p, c.c_int, c.c_double, c.c_int64, c.c_int]
@@ -736,9 +738,9 @@ class _DtypeSpy(_HostTwin):
         self._check(table, blocks, dtypes, first_blocks, n_blocks)
         super().norm(table, blocks, dtypes, first_blocks, n_blocks, *rest)
 
-    def step(self, rule, table, blocks, n_tensors, dtypes, first_blocks, n_blocks, *rest):
+    def step(self, rule, program, table, blocks, n_tensors, dtypes, first_blocks, n_blocks, *rest):
         self._check(table, blocks, dtypes, first_blocks, n_blocks)
-        super().step(rule, table, blocks, n_tensors, dtypes, first_blocks, n_blocks, *rest)
+        super().step(rule, program, table, blocks, n_tensors, dtypes, first_blocks, n_blocks, *rest)
 
 
 def _model():
@@ -818,7 +820,7 @@ def test_float32_checkpoint_into_a_float64_model(on_twin, twin_lib):
 
 
 def _bound_plan(p, g, state, step=0.0):
-    plan = Plan.build(p.device, L.RULE_SGD, [(0, 0, p, None)])
+    plan = Plan.build(p.device, L.RULE_SGD, FusedSGD.coefficients, [(0, 0, p, None)])
     plan.bind([{"momentum_buffer": state}], [torch.tensor(step)])
     plan.set_grads([g], lambda row: "the parameter")
     return plan

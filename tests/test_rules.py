@@ -97,6 +97,35 @@ def test_a_kernel_handed_an_unknown_rule_writes_nan(backend, device):
     assert all(torch.isnan(p).all() for p in params)
 
 
+class _UnknownLrKind(FusedSGD):
+    coefficients = FusedSGD.coefficients & ~31 | len(L.LR_KINDS) << 3  # LR: a kind no prepare stage has
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_an_unknown_coefficient_kind_is_refused_before_anything_changes(backend, device):
+    params = _params()
+    before = [p.detach().clone() for p in params]
+    opt = _UnknownLrKind(params, lr=0.1, momentum=0.9, backend=backend)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="bad coefficient program: slot 0 has kind 3"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True)) and not opt.state
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_a_prepare_stage_handed_an_unknown_coefficient_kind_writes_nan(backend, device):
+    """Past the host's check (the plan's program rewritten by hand): a NaN step, never another
+    kind's lr."""
+    params = _params()
+    opt = FusedSGD(params, lr=0.1, momentum=0.9, backend=backend)
+    _steps(opt, params, 1)
+    plan = opt._plans[None]
+    plan.coefficients = _UnknownLrKind.coefficients
+    opt._backend.update(plan, opt._settings, opt._clocks, plan_scalars(), None)
+    assert all(torch.isnan(p).all() for p in params)
+
+
 def plan_scalars():
     from fused_lr.core.plan import StepScalars
 

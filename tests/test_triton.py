@@ -330,6 +330,7 @@ _COMPILE_ALL = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from fused_lr.kernels import triton_kernels as K
+    from fused_lr import FusedAdagrad, FusedAdam, FusedRMSprop, FusedSGD
 
     ALL_KINDS = sum(1 << k for k in range(12))
     def compile(fn, sig, const):
@@ -357,15 +358,16 @@ _COMPILE_ALL = textwrap.dedent("""
     prepare = {"tensors": "*i64", "n_tensors": "i32", "hyper": "*fp64", "tables": "*fp64", "clocks": "*fp32",
                "n_groups": "i32", "coefs": "*fp64", "partials": "*fp64", "n_partials": "i32", "scale": "*fp32",
                "found": "*fp32", "lrs": "*i64"}
+    programs = [cls.coefficients for cls in (FusedSGD, FusedAdam, FusedRMSprop, FusedAdagrad)]
     for norm in ("*fp32", "*fp64"):
-        for rule in range(4):
+        for program in programs:
             for finish in (False, True):
                 compile(K.prepare_kernel, {**prepare, "norm": norm},
                         dict(HAS_LR_TENSORS=finish, HAS_CLIP=True, HAS_RATE=True, HAS_SCALE=True, HAS_FOUND=True,
-                             FINISH=finish, RULE=rule, KINDS=ALL_KINDS, BLOCK=128, SUM_BLOCK=1024))
+                             FINISH=finish, PROGRAM=program, KINDS=ALL_KINDS, BLOCK=128, SUM_BLOCK=1024))
     compile(K.prepare_kernel, {**prepare, "norm": "*fp32"},
             dict(HAS_LR_TENSORS=False, HAS_CLIP=False, HAS_RATE=False, HAS_SCALE=False, HAS_FOUND=False, FINISH=False,
-                 RULE=0, KINDS=1, BLOCK=128, SUM_BLOCK=1024))
+                 PROGRAM=programs[0], KINDS=1, BLOCK=128, SUM_BLOCK=1024))
     print("compiled")
 """)
 

@@ -87,7 +87,7 @@ int step(const flr::StepLaunch& s, int64_t chunk, int threads) {
   ++g_launches;
   const flr::PrepareArgs& a = s.prepare;
   if (a.partials != nullptr) finish_norm(a.partials, a.n_partials, a.norm, a.norm_is_double, threads);
-  for (int64_t t = 0; t <= a.n_tensors; ++t) flr::prepare_row(a, s.rule, t);
+  for (int64_t t = 0; t <= a.n_tensors; ++t) flr::prepare_row(a, t);
   const int64_t rows = a.n_tensors > s.n_groups ? a.n_tensors : s.n_groups;
   for (int64_t i = 0; i < rows; ++i) flr::increment_row(a.table, a.n_tensors, s.clocks, s.n_groups, a.scratch, i);
   for (const flr::Bucket& b : s.buckets) {
@@ -134,7 +134,7 @@ int flr_norm(const int64_t* table, const int32_t* blocks, const int* dtypes, con
 
 // fused_lr._cuda.step likewise. Returns 0, -1 for a dtype the twin does not handle, -2 for an
 // unknown rule.
-int flr_step(int rule, const int64_t* table, const int32_t* blocks, int64_t n_tensors, const int* dtypes,
+int flr_step(int rule, int64_t program, const int64_t* table, const int32_t* blocks, int64_t n_tensors, const int* dtypes,
              const int64_t* first_blocks, const int64_t* n_blocks, int n_buckets, const double* hyper,
              const double* sched, const int64_t* lr32, const int64_t* lr64, float* clocks, int64_t n_groups,
              double* scratch, void* norm, int norm_is_double, const double* partials, int64_t n_partials,
@@ -145,7 +145,8 @@ int flr_step(int rule, const int64_t* table, const int32_t* blocks, int64_t n_te
   s.rule = rule;
   s.prepare = {table,     n_tensors, hyper,           sched,      lr32,              lr64,
                clocks,    norm,      norm_is_double != 0, partials, n_partials, clip_by_norm != 0,
-               max_norm,  rate_power, rate_eps,        grad_scale, found_inf,         scratch};
+               max_norm,  rate_power, rate_eps,        grad_scale, found_inf,         scratch,
+               program};
   s.update = {table, blocks, n_tensors, hyper, scratch, has_clip_value != 0, clip_value};
   s.buckets = buckets(dtypes, first_blocks, n_blocks, n_buckets);
   s.clocks = clocks;

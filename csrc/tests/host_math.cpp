@@ -3,11 +3,12 @@
 // One command per line, numbers separated by blanks; one line of output per command.
 //
 //   table  S[MAX_SEGMENTS*SEGMENT_COLS] n k[n]     -> eval_table(S, k) for each k
-//   update f32|f64 rule H[HYPER_COLS] S[...] clock step lr_kind lr has_scale scale has_norm norm norm_is_double
+//   update f32|f64 rule program H[HYPER_COLS] S[...] clock step lr_kind lr has_scale scale has_norm norm norm_is_double
 //          clip_by_norm max_norm rate_power rate_eps has_clip clip has_found_inf found_inf n_states n
 //          (p g s[n_states])[n]
 //                                                -> (p' s'[n_states])[n]: one tensor of the rule with
-//                                                   that RULES code through prepare_row and
+//                                                   that RULES code and coefficient program
+//                                                   through prepare_row and
 //                                                   update_block (one thread, so every element passes
 //                                                   the same code; lr_kind 0: float lr, 1: float32
 //                                                   tensor lr, 2: float64 tensor lr; s: the rule's
@@ -51,6 +52,7 @@ int64_t address(const void* p) { return static_cast<int64_t>(reinterpret_cast<in
 template <typename T>
 void update(std::istream& in) {
   const int rule = static_cast<int>(read1(in));
+  const auto program = static_cast<int64_t>(read1(in));
   auto hyper = read(in, L::HYPER_COLS);
   auto sched = read(in, L::MAX_SEGMENTS * L::SEGMENT_COLS);
   const float clock = static_cast<float>(read1(in));
@@ -101,9 +103,10 @@ void update(std::istream& in) {
   const flr::PrepareArgs a = {row, 1, hyper.data(), sched.data(), &lr32_at, &lr64_at, &clock,
                               has_norm ? (norm_is_double ? static_cast<void*>(&norm) : &norm32) : nullptr,
                               norm_is_double, nullptr, 0, clip_by_norm, max_norm, rate_power, rate_eps,
-                              has_scale ? &grad_scale : nullptr, has_found_inf ? &found_inf : nullptr, scratch};
-  flr::prepare_row(a, rule, 0);
-  flr::prepare_row(a, rule, 1);
+                              has_scale ? &grad_scale : nullptr, has_found_inf ? &found_inf : nullptr, scratch,
+                              program};
+  flr::prepare_row(a, 0);
+  flr::prepare_row(a, 1);
   const int32_t blocks[1] = {0};
   const flr::UpdateArgs u = {row, blocks, 1, hyper.data(), scratch, has_clip, clip};
   const bool known = flr::with_rule(rule, [&](auto tag) {

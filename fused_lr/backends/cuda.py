@@ -285,7 +285,8 @@ class CudaBackend:
         self._pending = None
         keep = []
         clip = settings.clip_value
-        self._ext.step(plan.rule, *tabs.step_head, *groups.head, clocks.data_ptr(), groups.n_groups, tabs.scratch_ptr,
+        self._ext.step(plan.rule, plan.coefficients, *tabs.step_head, *groups.head, clocks.data_ptr(), groups.n_groups,
+                       tabs.scratch_ptr,
                        0 if norm is None else norm.data_ptr(), norm is not None and norm.dtype == torch.float64,
                        tabs.partials_ptr if finish else 0, tabs.n_blocks, settings.max_grad_norm is not None,
                        settings.max_grad_norm or 0.0, settings.lr_norm_power, settings.lr_norm_eps,

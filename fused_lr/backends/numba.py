@@ -124,7 +124,8 @@ class NumbaBackend:
             self._clocks = (clocks, clocks.numpy())  # the same memory: the kernels' += 1 lands in the tensor
         ks = self._clocks[1]
         for w in self._work_for(plan):
-            w.update(w.table, w.chunk_t, w.chunk_lo, w.chunk_hi, hyper, settings.schedules, ks, s, w.consts, plan.rule)
+            w.update(w.table, w.chunk_t, w.chunk_lo, w.chunk_hi, hyper, settings.schedules, ks, s, w.consts, plan.rule,
+                     plan.coefficients)
         ks += 1  # after every dtype's call read them
 
 

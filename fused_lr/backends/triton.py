@@ -288,7 +288,7 @@ class TritonBackend:
                 norm if norm is not None else hyper, tab.partials, tab.n_chunks, scale, found,
                 self._lrs if settings.lr_tensors else tab.tensors, HAS_LR_TENSORS=bool(settings.lr_tensors),
                 HAS_CLIP=clip, HAS_RATE=settings.lr_norm_power != 0, HAS_SCALE=has_scale,
-                HAS_FOUND=scalars.found_inf is not None, FINISH=finish, RULE=plan.rule, KINDS=flags["KINDS"],
+                HAS_FOUND=scalars.found_inf is not None, FINISH=finish, PROGRAM=plan.coefficients, KINDS=flags["KINDS"],
                 BLOCK=_PREPARE_BLOCK, SUM_BLOCK=_SUM_BLOCK)
             for dtype, chunks, n, _, aligned, rows, grid in tab.launches:
                 K.update_kernel[grid](tab.tensors, chunks, n, tab.n_tensors, hyper, n_groups, tab.coefs,

@@ -166,6 +166,7 @@ class FusedOptimizer(Optimizer):
     """The shared core. Subclasses set the class attributes below and implement the four hooks."""
 
     rule: ClassVar[int]  # fused_lr.core.layout RULES code
+    coefficients: ClassVar[int]  # how the kernels' prepare stage derives the rule's scalars (layout.program)
     hypers: ClassVar[tuple[Hyper, ...]]  # the rule's own hyper-parameters (lr and COMMON come from here)
     new_state_restarts_step: ClassVar[bool] = False  # SGD: a new momentum buffer starts from the gradient
 
@@ -559,7 +560,7 @@ class FusedOptimizer(Optimizer):
         if len(devices) > 1:
             raise RuntimeError(f"{type(self).__name__} fuses all parameters into one launch, so they must share one "
                                f"device; got {sorted(map(str, devices))}")
-        return Plan.build(devices.pop(), self.rule, rows)
+        return Plan.build(devices.pop(), self.rule, self.coefficients, rows)
 
     def _bind(self, plan: Plan, params: list) -> None:
         """Check every row's state against its parameter (raising, naming both, before anything

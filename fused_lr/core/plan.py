@@ -75,6 +75,7 @@ class Plan:
 
     device: torch.device
     rule: int
+    coefficients: int  # the rule's coefficient program (fused_lr/core/layout.py, program)
     positions: list[int]  # each row's index in the optimizer's flat parameter list
     in_order: bool  # positions are 0..T-1: every parameter, in the optimizer's order
     params: list[torch.Tensor]  # what the kernels address (a DTensor's local shard), row order
@@ -92,11 +93,15 @@ class Plan:
     _grad_ptrs: list[int] | None = None
 
     @classmethod
-    def build(cls, device: torch.device, rule: int, rows: list[tuple[int, int, torch.Tensor, str | None]]) -> Plan:
-        """``rows``: (flat position, group index, addressable view, problem) of each parameter with a
+    def build(cls, device: torch.device, rule: int, coefficients: int,
+              rows: list[tuple[int, int, torch.Tensor, str | None]]) -> Plan:
+        """``rule``: its RULES code; ``coefficients``: its coefficient program (layout.program);
+        ``rows``: (flat position, group index, addressable view, problem) of each parameter with a
         gradient, in the optimizer's order."""
         if rule not in L.RULES.values():
             raise ValueError(f"unknown rule code {rule!r}: fused_lr.core.layout.RULES has {L.RULES}")
+        if (problem := L.program_problem(coefficients)) is not None:
+            raise ValueError(f"bad coefficient program: {problem}")
         order = sorted(range(len(rows)), key=lambda i: _dtype_rank(rows[i][2].dtype))  # stable
         rows = [rows[i] for i in order]
         params = [r[2] for r in rows]
@@ -113,7 +118,8 @@ class Plan:
         table[:, L.T_GROUP] = [r[1] for r in rows]
         norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         positions = [r[0] for r in rows]
-        plan = cls(device=device, rule=rule, positions=positions, in_order=positions == list(range(len(rows))),
+        plan = cls(device=device, rule=rule, coefficients=coefficients, positions=positions,
+                   in_order=positions == list(range(len(rows))),
                    params=params,
                    group_of=table[:, L.T_GROUP].copy(), buckets=buckets, table=table, problem=problem,
                    norm_dtype=norm_dtype)

@@ -20,6 +20,10 @@ from numba.extending import intrinsic
 from fused_lr import schedules
 from fused_lr.core import layout as L
 from fused_lr.core.layout import (
+    CK_COPY,
+    CK_ONE_MINUS,
+    CK_SQRT_BIAS,
+    CK_ZERO,
     F_AMSGRAD,
     F_CENTERED,
     F_DECOUPLED,
@@ -28,11 +32,15 @@ from fused_lr.core.layout import (
     H_FLAGS,
     H_LR,
     H_R0,
-    H_R1,
     H_R2,
     H_WEIGHT_DECAY,
+    LRK_BIAS,
+    LRK_DECAY,
+    LRK_PLAIN,
+    PROGRAM_BITS,
     RULE_ADAGRAD,
     RULE_ADAM,
+    RULE_COLS,
     RULE_RMSPROP,
     RULE_SGD,
     T_GRAD,
@@ -51,13 +59,14 @@ from fused_lr.core.layout import (
 # tensor's own dtype so the arithmetic is the one torch does with a Python scalar (the scalar
 # rounded to the tensor dtype first): -lr, weight decay, the decoupled-decay factor 1 - lr·wd,
 # 1/grad_scale, the clip value, the clip coefficient, 1 on a state's first use, the rule's C0..C4
-# (the layout's, fused_lr/core/layout.py), and 1 - the rule's lerp weight as torch.lerp computes
-# it, in the tensor dtype (the kernels cannot write a literal 1 in that dtype: a literal would
+# (the layout's, fused_lr/core/layout.py), and 1 - C0 and 1 - C1 as torch.lerp computes 1 - its
+# weight, in the tensor dtype (the kernels cannot write a literal 1 in that dtype: a literal would
 # promote float32 arithmetic to float64).
 (CONST_NEG_LR, CONST_WD, CONST_KEEP, CONST_INV_SCALE, CONST_CLIP, CONST_CLIP_COEF, CONST_FIRST, CONST_C0, CONST_C1,
- CONST_C2, CONST_C3, CONST_C4, CONST_ONE_MINUS_W) = range(13)
-CONST_COLS = 13
-_LAYOUT_ID = zlib.crc32(repr((L.TENSOR, L.HYPER, L.FLAGS, L.RULES, L.SCHEDULE_KINDS, L.SIZES)).encode())
+ CONST_C2, CONST_C3, CONST_C4, CONST_ONE_MINUS_C0, CONST_ONE_MINUS_C1) = range(14)
+CONST_COLS = 14
+_LAYOUT_ID = zlib.crc32(repr((L.TENSOR, L.HYPER, L.FLAGS, L.RULES, L.SCHEDULE_KINDS, L.SIZES, L.LR_KINDS,
+                              L.COEF_KINDS, L.PROGRAM_BITS)).encode())
 
 
 @intrinsic
@@ -184,12 +193,20 @@ def sumsq(table, chunk_t, chunk_lo, chunk_hi, scalars):
     return partial.sum()
 
 
+@njit(inline="always")
+def _slot(program, i):
+    """(kind, column) of slot i of a coefficient program (fused_lr/core/layout.py, program)."""
+    code = (program >> (PROGRAM_BITS * i)) & ((1 << PROGRAM_BITS) - 1)
+    return code >> 3, code & 7
+
+
 @cached_jit(error_model="numpy")
-def prepare(table, hyper, schedules_, clocks, scalars, consts, rule):
+def prepare(table, hyper, schedules_, clocks, scalars, consts, program):
     """Per tensor: lr = kernel lr x schedule(group clock) x the gradient-norm rate, the rule's
-    coefficients from the tensor's step count (bias corrections, Adagrad's decay), and every scalar
-    rounded to the tensor dtype. ``scalars`` (float64) = [1/grad_scale, clip value or inf, clip
-    coefficient (1 when off), gradient-norm rate (1 when off)]."""
+    coefficients by its ``program`` from its hyper columns and the tensor's step count (bias
+    corrections, Adagrad's decay), and every scalar rounded to the tensor dtype. ``scalars``
+    (float64) = [1/grad_scale, clip value or inf, clip coefficient (1 when off), gradient-norm rate
+    (1 when off)]."""
     k_like = np.zeros(1, np.float32)
     group_lr = np.empty(hyper.shape[0])  # the schedule is the group's: evaluated once per group
     for gi in range(hyper.shape[0]):
@@ -199,6 +216,7 @@ def prepare(table, hyper, schedules_, clocks, scalars, consts, rule):
         h = hyper[gi]
         lr = group_lr[gi]
         step = np.float64(carray(_pointer(table[t, T_STEP], k_like), 1)[0])
+        t_ = step + 1.0  # the step count after this update
         c = consts[t]
         c[CONST_WD] = h[H_WEIGHT_DECAY]
         c[CONST_KEEP] = 1.0 - lr * h[H_WEIGHT_DECAY]
@@ -206,32 +224,33 @@ def prepare(table, hyper, schedules_, clocks, scalars, consts, rule):
         c[CONST_CLIP] = scalars[1]
         c[CONST_CLIP_COEF] = scalars[2]
         c[CONST_FIRST] = 1.0 if step == 0 else 0.0
-        c[CONST_NEG_LR] = -lr
-        if rule == RULE_SGD:
-            c[CONST_C0] = h[H_R0]  # momentum
-            c[CONST_C1] = h[H_R1]  # 1 - dampening
-        elif rule == RULE_ADAM:
-            b1, b2, t_ = h[H_R0], h[H_R1], step + 1.0
-            c[CONST_NEG_LR] = -(lr / (1.0 - b1 ** t_))
-            c[CONST_C0] = 1.0 - b1
-            c[CONST_C1] = b2
-            c[CONST_C2] = 1.0 - b2
-            c[CONST_C3] = (1.0 - b2 ** t_) ** 0.5
-            c[CONST_C4] = h[H_R2]  # eps
-            # read back in the tensor dtype: float32's 1 - w rounded once from the exact float64
-            # difference is the float32 subtraction's result
-            c[CONST_ONE_MINUS_W] = 1.0 - c[CONST_C0]
-        elif rule == RULE_RMSPROP:
-            c[CONST_C0] = h[H_R0]  # alpha
-            c[CONST_C1] = 1.0 - h[H_R0]
-            c[CONST_C2] = h[H_R1]  # eps
-            c[CONST_C3] = h[H_R2]  # momentum
-            c[CONST_ONE_MINUS_W] = 1.0 - c[CONST_C1]
-        elif rule == RULE_ADAGRAD:
-            c[CONST_NEG_LR] = -(lr / (1.0 + step * h[H_R0]))  # step = t - 1 earlier updates
-            c[CONST_C0] = h[H_R1]  # eps
-        elif rule != RULE_SGD:
+        kind, j = _slot(program, 0)
+        r = h[H_R0 + j]
+        if kind == LRK_PLAIN:
+            c[CONST_NEG_LR] = -lr
+        elif kind == LRK_BIAS:
+            c[CONST_NEG_LR] = -(lr / (1.0 - r ** t_))
+        elif kind == LRK_DECAY:
+            c[CONST_NEG_LR] = -(lr / (1.0 + step * r))  # step = t - 1 earlier updates
+        else:  # a kind without a formula here: a visible NaN step, never another kind's
             c[CONST_NEG_LR] = np.nan
+        for i in range(RULE_COLS):
+            kind, j = _slot(program, i + 1)
+            r = h[H_R0 + j]
+            if kind == CK_ZERO:
+                c[CONST_C0 + i] = 0.0
+            elif kind == CK_COPY:
+                c[CONST_C0 + i] = r
+            elif kind == CK_ONE_MINUS:
+                c[CONST_C0 + i] = 1.0 - r
+            elif kind == CK_SQRT_BIAS:
+                c[CONST_C0 + i] = (1.0 - r ** t_) ** 0.5
+            else:
+                c[CONST_C0 + i] = np.nan
+        # read back in the tensor dtype: float32's 1 - w rounded once from the exact float64
+        # difference is the float32 subtraction's result
+        c[CONST_ONE_MINUS_C0] = 1.0 - c[CONST_C0]
+        c[CONST_ONE_MINUS_C1] = 1.0 - c[CONST_C1]
 
 
 @njit(inline="always", error_model="numpy")
@@ -306,7 +325,7 @@ def _adam_chunk(p, g, m, v, vmax, cs, flags, decay, amsgrad):
     amsgrad."""
     k = _commons(cs, flags)
     neg_step, b2, w2, bc2, eps = cs[CONST_NEG_LR], cs[CONST_C1], cs[CONST_C2], cs[CONST_C3], cs[CONST_C4]
-    low, cm = _lerp_coef(cs[CONST_C0], cs[CONST_ONE_MINUS_W])
+    low, cm = _lerp_coef(cs[CONST_C0], cs[CONST_ONE_MINUS_C0])
     decoupled = (flags & F_DECOUPLED) != 0
     n, ahead, line = p.shape[0], PREFETCH_BYTES // p.itemsize, 64 // p.itemsize
     for b in range(0, n, BLOCK):
@@ -338,7 +357,7 @@ def _rmsprop_chunk(p, g, s, b, c, cs, flags, decay, momentum, centered):
     """The RMSprop rule on one chunk; b (momentum) and c (centered) are used only when enabled."""
     k = _commons(cs, flags)
     neg_lr, alpha, w1, eps, mu = cs[CONST_NEG_LR], cs[CONST_C0], cs[CONST_C1], cs[CONST_C2], cs[CONST_C3]
-    low, cc = _lerp_coef(w1, cs[CONST_ONE_MINUS_W])
+    low, cc = _lerp_coef(w1, cs[CONST_ONE_MINUS_C1])
     for i in range(p.shape[0]):
         x, w = _common(g[i], p[i], k, decay, False)
         si = s[i] * alpha + w1 * x * x
@@ -373,11 +392,11 @@ def _adagrad_chunk(p, g, s, cs, flags, decay):
 # error_model="numpy": a float division by zero gives inf/nan as in torch, instead of Python's
 # ZeroDivisionError check on every element (which also stops LLVM from vectorising the loop)
 @cached_jit(parallel=True, error_model="numpy")
-def update(table, chunk_t, chunk_lo, chunk_hi, hyper, schedules_, clocks, scalars, consts, rule):
+def update(table, chunk_t, chunk_lo, chunk_hi, hyper, schedules_, clocks, scalars, consts, rule, program):
     """:func:`prepare`'s per-tensor constants (in the same call: one dispatch less per step), the
     update of every chunk, then every tensor's step count + 1 (the host advances the group clocks
     once every dtype's call has read them)."""
-    prepare(table, hyper, schedules_, clocks, scalars, consts, rule)
+    prepare(table, hyper, schedules_, clocks, scalars, consts, program)
     for c in prange(chunk_t.shape[0]):
         t = chunk_t[c]
         h = hyper[table[t, T_GROUP]]

@@ -56,6 +56,14 @@ _B_STEP, _B_EXP, _B_LINEAR, _B_POLY, _B_COSINE, _B_COSINE_RESTARTS, _B_CYCLIC, _
                                                              S.INVSQRT, S.POWERLAW))
 _POW_KINDS = tl.constexpr(sum(1 << c for c in (S.STEP, S.EXP, S.CYCLIC, S.POLY, S.INVTIME, S.POWERLAW)))
 _INF = tl.constexpr(float("inf"))
+# coefficient programs (fused_lr/core/layout.py, program)
+_RULE_COLS = tl.constexpr(L.RULE_COLS)
+# prepare_kernel decodes a program with literal 5-bit slots: the interpreter passes the program as
+# a plain int, and an int cannot be shifted or masked by a constexpr
+assert L.PROGRAM_BITS == 5, "prepare_kernel's slot literals (5, 31) follow layout.PROGRAM_BITS"
+_LRK_PLAIN, _LRK_BIAS, _LRK_DECAY = (tl.constexpr(k) for k in (L.LRK_PLAIN, L.LRK_BIAS, L.LRK_DECAY))
+_CK_ZERO, _CK_COPY, _CK_ONE_MINUS, _CK_SQRT_BIAS = (tl.constexpr(k) for k in (L.CK_ZERO, L.CK_COPY, L.CK_ONE_MINUS,
+                                                                               L.CK_SQRT_BIAS))
 
 # A note on spelling, for the interpreter's sake (it runs CI): reductions are written
 # tl.reduce(x, 0, <triton's own combine function>), which is exactly what tl.sum / tl.max
@@ -340,9 +348,39 @@ def sqrt_sum_kernel(partials, n, out, BLOCK: tl.constexpr):
 
 # ----------------------------------------------------------------------------- update
 @triton.jit
+def _step_size(lr, h, step64, t, m, CODE: tl.constexpr):
+    """The rule's step size from the scheduled lr, by its program slot CODE = kind << 3 | j."""
+    r = tl.load(h + _H_R0 + (CODE & 7), mask=m, other=0.0)
+    if (CODE >> 3) == _LRK_PLAIN:
+        return lr
+    elif (CODE >> 3) == _LRK_BIAS:
+        return lr / (1.0 - _pow(r, t, False))
+    elif (CODE >> 3) == _LRK_DECAY:
+        return lr / (1.0 + step64 * r)  # step64 = t - 1 earlier updates
+    else:  # a kind without a formula here: a visible NaN step, never another kind's
+        return lr * 0.0 + (_INF - _INF)  # NaN (a NaN constexpr global fails Triton's consistency check)
+
+
+@triton.jit
+def _coef(h, t, m, CODE: tl.constexpr):
+    """One rule coefficient, by its program slot CODE = kind << 3 | j."""
+    r = tl.load(h + _H_R0 + (CODE & 7), mask=m, other=0.0)
+    if (CODE >> 3) == _CK_ZERO:
+        return r * 0.0
+    elif (CODE >> 3) == _CK_COPY:
+        return r
+    elif (CODE >> 3) == _CK_ONE_MINUS:
+        return 1.0 - r
+    elif (CODE >> 3) == _CK_SQRT_BIAS:
+        return tl.sqrt(1.0 - _pow(r, t, False))
+    else:
+        return r * 0.0 + (_INF - _INF)
+
+
+@triton.jit
 def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, coefs, norm, partials, n_partials, scale,
                    found, lrs, HAS_LR_TENSORS: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_RATE: tl.constexpr,
-                   HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, FINISH: tl.constexpr, RULE: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, FINISH: tl.constexpr, PROGRAM: tl.constexpr,
                    KINDS: tl.constexpr, BLOCK: tl.constexpr, SUM_BLOCK: tl.constexpr):
     """One program, before update_kernel: with FINISH the norm from sumsq_kernel's partials (into
     ``norm``: no launch of its own); the step-wide scalars (clip coefficient, 1/grad_scale, go = not
@@ -396,31 +434,12 @@ def prepare_kernel(tensors, n_tensors, hyper, tables, clocks, n_groups, coefs, n
         decoupled_wd = tl.where((flags & _F_DECOUPLED) != 0, tl.load(h + _H_WD, mask=m, other=0.0), 0.0)
         out = coefs + idx * _COEF_COLS
         step64 = step.to(tl.float64)
-        # the rule's coefficients (fused_lr/core/layout.py, "COEF"), so the update only reads them
-        r0 = tl.load(h + _H_R0, mask=m, other=0.0)
-        r1 = tl.load(h + _H_R1, mask=m, other=0.0)
-        r2 = tl.load(h + _H_R2, mask=m, other=0.0)
-        if RULE == _RULE_ADAM:  # bias corrections from the step count after this update
-            t = step64 + 1.0
-            tl.store(out + _C_LR, lr / (1.0 - _pow(r0, t, False)), mask=m)
-            tl.store(out + _C_C0, 1.0 - r0, mask=m)
-            tl.store(out + _C_C1, r1, mask=m)
-            tl.store(out + _C_C2, 1.0 - r1, mask=m)
-            tl.store(out + _C_C3, tl.sqrt(1.0 - _pow(r1, t, False)), mask=m)
-            tl.store(out + _C_C4, r2, mask=m)
-        elif RULE == _RULE_RMSPROP:
-            tl.store(out + _C_LR, lr, mask=m)
-            tl.store(out + _C_C0, r0, mask=m)
-            tl.store(out + _C_C1, 1.0 - r0, mask=m)
-            tl.store(out + _C_C2, r1, mask=m)
-            tl.store(out + _C_C3, r2, mask=m)
-        elif RULE == _RULE_ADAGRAD:  # lr / (1 + (t - 1) lr_decay)
-            tl.store(out + _C_LR, lr / (1.0 + step64 * r0), mask=m)
-            tl.store(out + _C_C0, r1, mask=m)
-        else:  # SGD: momentum, 1 - dampening, as they are
-            tl.store(out + _C_LR, lr, mask=m)
-            tl.store(out + _C_C0, r0, mask=m)
-            tl.store(out + _C_C1, r1, mask=m)
+        # the rule's coefficients by its PROGRAM (fused_lr/core/layout.py, program), so the update
+        # only reads them; t: the step count after this update
+        t = step64 + 1.0
+        tl.store(out + _C_LR, _step_size(lr, h, step64, t, m, PROGRAM & 31), mask=m)
+        for i in tl.static_range(_RULE_COLS):
+            tl.store(out + _C_C0 + i, _coef(h, t, m, (PROGRAM >> (5 * (i + 1))) & 31), mask=m)
         tl.store(out + _C_DECAY, 1.0 - lr * decoupled_wd, mask=m)
         tl.store(out + _C_INIT, tl.where(step == 0, 1.0, 0.0), mask=m)
         # step + 0 rewrites the count unchanged when the step is skipped

@@ -29,6 +29,8 @@ class FusedAdagrad(FusedOptimizer):
     State is created at the first step, or by :meth:`share_memory`."""
 
     rule = L.RULE_ADAGRAD
+    # lr / (1 + (t - 1) lr_decay); eps (rule_row: lr_decay, eps)
+    coefficients = L.program(("DECAY", 0), ("COPY", 1))
     hypers = (
         Hyper("lr_decay", 0.0, real(0.0)),
         Hyper("eps", 1e-10, real(0.0, low_open=True)),

@@ -29,6 +29,9 @@ class FusedAdam(FusedOptimizer):
     every fused optimizer shares: :class:`~fused_lr.core.optimizer.FusedOptimizer`."""
 
     rule = L.RULE_ADAM
+    # lr / (1 - b1^t); 1 - b1, b2, 1 - b2, sqrt(1 - b2^t), eps (rule_row: b1, b2, eps)
+    coefficients = L.program(("BIAS", 0), ("ONE_MINUS", 0), ("COPY", 1), ("ONE_MINUS", 1), ("SQRT_BIAS", 1),
+                             ("COPY", 2))
     hypers = (
         Hyper("betas", (0.9, 0.999), (_betas, "a pair of numbers in [0, 1)")),
         Hyper("eps", 1e-8, real(0.0, low_open=True)),

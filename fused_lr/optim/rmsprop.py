@@ -20,6 +20,8 @@ class FusedRMSprop(FusedOptimizer):
     ``torch.optim.RMSprop`` (everything after ``centered`` keyword-only)."""
 
     rule = L.RULE_RMSPROP
+    # lr; alpha, 1 - alpha, eps, momentum (rule_row: alpha, eps, momentum)
+    coefficients = L.program(("PLAIN", 0), ("COPY", 0), ("ONE_MINUS", 0), ("COPY", 1), ("COPY", 2))
     hypers = (
         Hyper("alpha", 0.99, real(0.0, 1.0)),
         Hyper("eps", 1e-8, real(0.0, low_open=True)),

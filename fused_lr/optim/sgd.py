@@ -26,6 +26,7 @@ class FusedSGD(FusedOptimizer):
     """
 
     rule = L.RULE_SGD
+    coefficients = L.program(("PLAIN", 0), ("COPY", 0), ("COPY", 1))  # lr; momentum, 1 - dampening
     new_state_restarts_step = True  # a buffer made now (momentum switched on) starts from the gradient
     hypers = (
         Hyper("momentum", 0.0, real(0.0, 1.0, high_open=True)),
