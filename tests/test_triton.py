@@ -331,6 +331,7 @@ _COMPILE_ALL = textwrap.dedent("""
     from triton.compiler import ASTSource
     from fused_lr.kernels import triton_kernels as K
     from fused_lr import FusedAdagrad, FusedAdam, FusedRMSprop, FusedSGD
+    from fused_lr.core import layout as L
 
     ALL_KINDS = sum(1 << k for k in range(12))
     def compile(fn, sig, const):
@@ -346,11 +347,11 @@ _COMPILE_ALL = textwrap.dedent("""
     for dtype, ptr in ((tl.float32, "*fp32"), (tl.float64, "*fp64"), (tl.bfloat16, "*fp32")):
         acc = "*fp64" if dtype == tl.float64 else "*fp32"
         for flag in (False, True):
-            for rule in range(4):
+            for rule in (K._sgd, K._adam, K._rmsprop, K._adagrad):
                 compile(K.update_kernel, {**tables, "n_tensors": "i32", "coefs": "*fp64"},
-                        dict(DTYPE=dtype, RULE=rule, HAS_CLIP=flag, HAS_CLIP_VALUE=flag, HAS_SCALE=flag,
-                             MAXIMIZE=flag, COUPLED_WD=flag, DECOUPLED_WD=flag, MOMENTUM=flag, NESTEROV=flag,
-                             AMSGRAD=flag, CENTERED=flag, ALIGNED=flag, ROWS=1, BLOCK=1024, CHUNK=4096))
+                        dict(DTYPE=dtype, RULE_FN=rule, FEATURES=sum(L.FLAGS.values()) if flag else 0, HAS_CLIP=flag,
+                             HAS_CLIP_VALUE=flag, HAS_SCALE=flag, MAXIMIZE=flag, COUPLED_WD=flag, DECOUPLED_WD=flag,
+                             ALIGNED=flag, ROWS=1, BLOCK=1024, CHUNK=4096))
             compile(K.sumsq_kernel, {**tables, "partials": "*fp64", "out": acc, "scale": "*fp32"},
                     dict(DTYPE=dtype, HAS_SCALE=flag, HAS_CLIP_VALUE=flag, FINAL=flag, ALIGNED=flag, ROWS=1,
                          BLOCK=1024, CHUNK=4096))

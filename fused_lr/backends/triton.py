@@ -190,12 +190,8 @@ class TritonBackend:
             wd = settings.hyper[:, L.H_WEIGHT_DECAY] != 0
             decoupled = (flags & L.F_DECOUPLED) != 0
             used = np.isfinite(settings.schedules[:, :, 0])
-            momentum_col = L.H_R2 if self._rule == L.RULE_RMSPROP else L.H_R0
             self._flags = dict(
-                MOMENTUM=bool((settings.hyper[:, momentum_col] != 0).any()),
-                AMSGRAD=bool(((flags & L.F_AMSGRAD) != 0).any()),
-                CENTERED=bool(((flags & L.F_CENTERED) != 0).any()),
-                NESTEROV=bool(((flags & L.F_NESTEROV) != 0).any()),
+                FEATURES=int(np.bitwise_or.reduce(flags)) if len(flags) else 0,  # the rule's variants in use
                 COUPLED_WD=bool((wd & ~decoupled).any()),
                 DECOUPLED_WD=bool((wd & decoupled).any()),
                 MAXIMIZE=bool(((flags & L.F_MAXIMIZE) != 0).any()),
@@ -230,6 +226,18 @@ class TritonBackend:
                                    f"{device} cannot be read by a captured step; put it there")
             for slot, lr in self._lr_staged:
                 slot.copy_(lr, non_blocking=True)
+
+    def _rule_function(self, rule: int):
+        """The update of RULES code ``rule``: the kernels' ``_<rule name>``."""
+        name = next((n for n, code in L.RULES.items() if code == rule), None)
+        if name is None:
+            raise RuntimeError(f"fused_lr triton backend: no update for rule code {rule}: it is not in "
+                               f"fused_lr.core.layout.RULES {L.RULES}")
+        fn = getattr(self._k, "_" + name.lower(), None)
+        if fn is None:
+            raise RuntimeError(f"fused_lr triton backend: no update for rule code {rule} ({name}): "
+                               f"fused_lr/kernels/triton_kernels.py has no _{name.lower()}")
+        return fn
 
     # ------------------------------------------------------------------ the contract
     def grad_norm(self, plan: Plan, settings: Settings, scalars: StepScalars, final: bool = True) -> torch.Tensor:
@@ -273,10 +281,9 @@ class TritonBackend:
         if key != self._update_key:
             self._update_key = key
             self._update_flags = dict(
-                RULE=plan.rule, HAS_CLIP=clip, HAS_CLIP_VALUE=settings.clip_value is not None, HAS_SCALE=has_scale,
-                MAXIMIZE=flags["MAXIMIZE"], COUPLED_WD=flags["COUPLED_WD"], DECOUPLED_WD=flags["DECOUPLED_WD"],
-                MOMENTUM=flags["MOMENTUM"], NESTEROV=flags["NESTEROV"], AMSGRAD=flags["AMSGRAD"],
-                CENTERED=flags["CENTERED"], BLOCK=tab.block, CHUNK=tab.chunk)
+                RULE_FN=self._rule_function(plan.rule), FEATURES=flags["FEATURES"], HAS_CLIP=clip,
+                HAS_CLIP_VALUE=settings.clip_value is not None, HAS_SCALE=has_scale, MAXIMIZE=flags["MAXIMIZE"],
+                COUPLED_WD=flags["COUPLED_WD"], DECOUPLED_WD=flags["DECOUPLED_WD"], BLOCK=tab.block, CHUNK=tab.chunk)
         update_flags = self._update_flags
         if settings.lr_tensors:
             self._lr_table(settings, plan.device, capturing)

@@ -44,7 +44,7 @@ TENSOR = _columns("PARAM", "GRAD", "STATE0", "STATE1", "STATE2", "STEP", "NUMEL"
 HYPER = _columns("LR", "WEIGHT_DECAY", "FLAGS", "R0", "R1", "R2", "R3", "R4")
 COEF = _columns("LR", "DECAY", "INIT", "C0", "C1", "C2", "C3", "C4")
 WIDE = _columns("CLIP_COEF", "INV_SCALE", "GO")  # columns of the scratch's last row
-FLAGS = {"MAXIMIZE": 1, "DECOUPLED": 2, "NESTEROV": 4, "AMSGRAD": 8, "CENTERED": 16}
+FLAGS = {"MAXIMIZE": 1, "DECOUPLED": 2, "NESTEROV": 4, "AMSGRAD": 8, "CENTERED": 16, "MOMENTUM": 32}
 RULES = _columns("SGD", "ADAM", "RMSPROP", "ADAGRAD")
 # a rule's step size from the scheduled lr: lr; lr / (1 - R_j^t); lr / (1 + (t - 1) R_j)
 LR_KINDS = _columns("PLAIN", "BIAS", "DECAY")

@@ -32,9 +32,7 @@ _T_NUMEL, _T_GROUP = tl.constexpr(L.T_NUMEL), tl.constexpr(L.T_GROUP)
 _H_LR, _H_WD, _H_FLAGS = tl.constexpr(L.H_LR), tl.constexpr(L.H_WEIGHT_DECAY), tl.constexpr(L.H_FLAGS)
 _H_R0, _H_R1, _H_R2 = tl.constexpr(L.H_R0), tl.constexpr(L.H_R1), tl.constexpr(L.H_R2)  # the rule's columns
 _F_MAXIMIZE, _F_DECOUPLED, _F_NESTEROV = (tl.constexpr(f) for f in (L.F_MAXIMIZE, L.F_DECOUPLED, L.F_NESTEROV))
-_F_AMSGRAD, _F_CENTERED = tl.constexpr(L.F_AMSGRAD), tl.constexpr(L.F_CENTERED)
-_RULE_SGD, _RULE_ADAM, _RULE_RMSPROP, _RULE_ADAGRAD = (tl.constexpr(r) for r in (L.RULE_SGD, L.RULE_ADAM,
-                                                                                 L.RULE_RMSPROP, L.RULE_ADAGRAD))
+_F_AMSGRAD, _F_CENTERED, _F_MOMENTUM = tl.constexpr(L.F_AMSGRAD), tl.constexpr(L.F_CENTERED), tl.constexpr(L.F_MOMENTUM)
 _H_MAX_NORM, _H_CLIP_VALUE = tl.constexpr(O_MAX_NORM), tl.constexpr(O_CLIP_VALUE)
 _H_RATE_POWER, _H_RATE_EPS = tl.constexpr(O_RATE_POWER), tl.constexpr(O_RATE_EPS)
 _C_LR, _C_DECAY, _C_INIT = tl.constexpr(L.C_LR), tl.constexpr(L.C_DECAY), tl.constexpr(L.C_INIT)
@@ -499,85 +497,98 @@ def _lerp(a, b, w):
     return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
 
 
+# The rules. update_kernel calls the one its RULE_FN constexpr names (the backend picks
+# ``_<rule name>`` for the optimizer's RULES code), each with the same arguments: the processed
+# gradient g and parameter p of a tile, the state pointers S0..S2 (the rule's, in declaration
+# order), this row's step size and coefficients C0..C4 (prepare_kernel's, by the optimizer's
+# coefficient program), whether its state starts now, its flag bits, and FEATURES, the flag bits
+# any group of the step has: a variant no group uses is not compiled. The new parameter value.
+
+
 @triton.jit
-def _sgd(g, p, S0, offs, m, lr, r0, r1, nesterov, init, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
-         MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MASKED: tl.constexpr):
-    """The SGD rule: r0 momentum, r1 1 - dampening; S0 the momentum buffer."""
+def _sgd(g, p, S0, S1, S2, offs, m, lr, c0, c1, c2, c3, c4, init, flags, DTYPE: tl.constexpr,
+         COMPUTE: tl.constexpr, FEATURES: tl.constexpr, MASKED: tl.constexpr):
+    """C0 momentum, C1 1 - dampening; S0 the momentum buffer."""
     d = g
-    if MOMENTUM:
-        has_momentum = r0 != 0
+    if _F_MOMENTUM & FEATURES:
+        has_momentum = c0 != 0
         m_buf = m & has_momentum if MASKED else has_momentum
         # read only where the buffer holds momentum: never without one, nor on its first use
         b = tl.load(S0 + offs, mask=m_buf & (init == 0), other=0.0).to(COMPUTE)
-        b = tl.where(init, g, r0 * b + r1 * g)
+        b = tl.where(init, g, c0 * b + c1 * g)
         tl.store(S0 + offs, _narrow(b, DTYPE), mask=m_buf)
-        if NESTEROV:
-            b = tl.where(nesterov, g + r0 * b, b)
+        if _F_NESTEROV & FEATURES:
+            b = tl.where((flags & _F_NESTEROV) != 0, g + c0 * b, b)
         d = tl.where(has_momentum, b, g)
     return p - lr * d
 
 
 @triton.jit
-def _adam(g, p, S0, S1, S2, offs, m, step_size, w1, b2, w2, bc2, eps, amsgrad, DTYPE: tl.constexpr,
-          COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MASKED: tl.constexpr):
-    """The Adam rule: S0 exp_avg, S1 exp_avg_sq, S2 max_exp_avg_sq (amsgrad rows only)."""
-    mv = _lerp(_load_state(S0, offs, m, COMPUTE, MASKED), g, w1)
-    v = _load_state(S1, offs, m, COMPUTE, MASKED) * b2 + w2 * g * g
+def _adam(g, p, S0, S1, S2, offs, m, lr, c0, c1, c2, c3, c4, init, flags, DTYPE: tl.constexpr,
+          COMPUTE: tl.constexpr, FEATURES: tl.constexpr, MASKED: tl.constexpr):
+    """lr the bias-corrected step size; C0 1 - b1, C1 b2, C2 1 - b2, C3 sqrt(1 - b2^t), C4 eps;
+    S0 exp_avg, S1 exp_avg_sq, S2 max_exp_avg_sq (amsgrad rows only)."""
+    mv = _lerp(_load_state(S0, offs, m, COMPUTE, MASKED), g, c0)
+    v = _load_state(S1, offs, m, COMPUTE, MASKED) * c1 + c2 * g * g
     _store(S0, offs, mv, m, DTYPE, MASKED)
     _store(S1, offs, v, m, DTYPE, MASKED)
-    if AMSGRAD:
+    if _F_AMSGRAD & FEATURES:
+        amsgrad = (flags & _F_AMSGRAD) != 0
         m_ams = m & amsgrad if MASKED else amsgrad
         # torch.maximum: NaN where either is (the default propagate_nan=NONE would keep the old
         # maximum for a NaN v, as fmax does)
         vmax = tl.maximum(tl.load(S2 + offs, mask=m_ams, other=0.0).to(COMPUTE), v, propagate_nan=tl.PropagateNan.ALL)
         tl.store(S2 + offs, _narrow(vmax, DTYPE), mask=m_ams)
         v = tl.where(amsgrad, vmax, v)
-    return p - _div(step_size * mv, _div(_sqrt(v), bc2) + eps)
+    return p - _div(lr * mv, _div(_sqrt(v), c3) + c4)
 
 
 @triton.jit
-def _rmsprop(g, p, S0, S1, S2, offs, m, lr, alpha, w1, eps, r_mom, centered, DTYPE: tl.constexpr,
-             COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, MASKED: tl.constexpr):
-    """The RMSprop rule: S0 square_avg, then the momentum buffer if momentum, then grad_avg if centered."""
-    s = _load_state(S0, offs, m, COMPUTE, MASKED) * alpha + w1 * g * g
+def _rmsprop(g, p, S0, S1, S2, offs, m, lr, c0, c1, c2, c3, c4, init, flags, DTYPE: tl.constexpr,
+             COMPUTE: tl.constexpr, FEATURES: tl.constexpr, MASKED: tl.constexpr):
+    """C0 alpha, C1 1 - alpha, C2 eps, C3 momentum; S0 square_avg, then the momentum buffer if
+    momentum, then grad_avg if centered."""
+    s = _load_state(S0, offs, m, COMPUTE, MASKED) * c0 + c1 * g * g
     _store(S0, offs, s, m, DTYPE, MASKED)
     avg = _sqrt(s)
-    if CENTERED:
-        C = tl.where(r_mom > 0, S2, S1)
+    if _F_CENTERED & FEATURES:
+        centered = (flags & _F_CENTERED) != 0
+        C = tl.where(c3 > 0, S2, S1)
         m_c = m & centered if MASKED else centered
-        c = _lerp(tl.load(C + offs, mask=m_c, other=0.0).to(COMPUTE), g, w1)
+        c = _lerp(tl.load(C + offs, mask=m_c, other=0.0).to(COMPUTE), g, c1)
         tl.store(C + offs, _narrow(c, DTYPE), mask=m_c)
         avg = tl.where(centered, _sqrt(s + -c * c), avg)
-    avg = avg + eps
+    avg = avg + c2
     d = _div(g, avg)
-    if MOMENTUM:
-        has_momentum = r_mom > 0
+    if _F_MOMENTUM & FEATURES:
+        has_momentum = c3 > 0
         m_b = m & has_momentum if MASKED else has_momentum
-        b = tl.load(S1 + offs, mask=m_b, other=0.0).to(COMPUTE) * r_mom + _div(g, avg)
+        b = tl.load(S1 + offs, mask=m_b, other=0.0).to(COMPUTE) * c3 + _div(g, avg)
         tl.store(S1 + offs, _narrow(b, DTYPE), mask=m_b)
         d = tl.where(has_momentum, b, d)
     return p - lr * d
 
 
 @triton.jit
-def _adagrad(g, p, S0, offs, m, clr, eps, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MASKED: tl.constexpr):
-    """The Adagrad rule: S0 the sum of squares."""
+def _adagrad(g, p, S0, S1, S2, offs, m, lr, c0, c1, c2, c3, c4, init, flags, DTYPE: tl.constexpr,
+             COMPUTE: tl.constexpr, FEATURES: tl.constexpr, MASKED: tl.constexpr):
+    """lr the decayed step size, C0 eps; S0 the sum of squares."""
     s = _load_state(S0, offs, m, COMPUTE, MASKED) + g * g
     _store(S0, offs, s, m, DTYPE, MASKED)
-    return p - _div(clr * g, _sqrt(s) + eps)
+    return p - _div(lr * g, _sqrt(s) + c0)
 
 
 @triton.jit
 def update_kernel(tensors, chunks, n_chunks, n_tensors, hyper, n_groups, coefs,
-                  DTYPE: tl.constexpr, RULE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr,
-                  DECOUPLED_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                  AMSGRAD: tl.constexpr, CENTERED: tl.constexpr,
+                  DTYPE: tl.constexpr, RULE_FN: tl.constexpr, FEATURES: tl.constexpr, HAS_CLIP: tl.constexpr,
+                  HAS_CLIP_VALUE: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr,
                   ALIGNED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """docs/step.md steps 0-7 on ROWS chunks, the rule chosen by RULE, with the scalars
-    prepare_kernel left in ``coefs``. Arithmetic in the parameter dtype (float32 for 16-bit types);
-    scalars are cast to it as torch casts a Python number. The constexpr feature flags say whether
-    any group uses a feature; rows of groups that do not are left alone by its code."""
+    """docs/step.md steps 0-7 on ROWS chunks, the rule RULE_FN (one of the rule functions above),
+    with the scalars prepare_kernel left in ``coefs``. Arithmetic in the parameter dtype (float32
+    for 16-bit types); scalars are cast to it as torch casts a Python number. The constexpr feature
+    flags (FEATURES: the rule's flag bits) say whether any group uses a feature; rows of groups that
+    do not are left alone by its code."""
     COMPUTE: tl.constexpr = tl.float64 if DTYPE.is_fp64() else tl.float32
     _, tensor, row, start, end = _chunks(tensors, chunks, n_chunks, ROWS, CHUNK)
     last = coefs + n_tensors * _COEF_COLS
@@ -608,38 +619,25 @@ def update_kernel(tensors, chunks, n_chunks, n_tensors, hyper, n_groups, coefs,
     n_full, n_all = _blocks(start, end, BLOCK)
     args = (P, G, S0, S1, S2, lr, decay, init, flags, sign, wd, c0, c1, c2, c3, c4, inv, clip_value, coef)
     for i in range(n_full):  # whole blocks in every row: no masks
-        _update_tile(start[:, None] + i * BLOCK + lane, True, *args, DTYPE, COMPUTE, RULE, HAS_CLIP, HAS_CLIP_VALUE,
-                     HAS_SCALE, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, MOMENTUM, NESTEROV, AMSGRAD, CENTERED, False)
+        _update_tile(start[:, None] + i * BLOCK + lane, True, *args, DTYPE, COMPUTE, RULE_FN, FEATURES, HAS_CLIP,
+                     HAS_CLIP_VALUE, HAS_SCALE, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, False)
     for i in range(n_full, n_all):
         offs = start[:, None] + i * BLOCK + lane
-        _update_tile(offs, offs < end[:, None], *args, DTYPE, COMPUTE, RULE, HAS_CLIP, HAS_CLIP_VALUE, HAS_SCALE,
-                     MAXIMIZE, COUPLED_WD, DECOUPLED_WD, MOMENTUM, NESTEROV, AMSGRAD, CENTERED, True)
+        _update_tile(offs, offs < end[:, None], *args, DTYPE, COMPUTE, RULE_FN, FEATURES, HAS_CLIP, HAS_CLIP_VALUE,
+                     HAS_SCALE, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, True)
 
 
 @triton.jit
 def _update_tile(offs, m, P, G, S0, S1, S2, lr, decay, init, flags, sign, wd, c0, c1, c2, c3, c4, inv, clip_value,
                  coef,
-                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, RULE: tl.constexpr, HAS_CLIP: tl.constexpr,
-                 HAS_CLIP_VALUE: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, MOMENTUM: tl.constexpr,
-                 NESTEROV: tl.constexpr, AMSGRAD: tl.constexpr, CENTERED: tl.constexpr, MASKED: tl.constexpr):
+                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, RULE_FN: tl.constexpr, FEATURES: tl.constexpr,
+                 HAS_CLIP: tl.constexpr, HAS_CLIP_VALUE: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, MASKED: tl.constexpr):
     """One (ROWS, BLOCK) tile: steps 0-5, then the rule, then the parameter stored."""
     g, p = _load2(P, G, offs, m, COMPUTE, MASKED)
     g, p = _common(g, p, sign, wd, decay, inv, clip_value, coef, HAS_SCALE, HAS_CLIP_VALUE, HAS_CLIP, MAXIMIZE,
                    COUPLED_WD, DECOUPLED_WD)
-    if RULE == _RULE_SGD:
-        p = _sgd(g, p, S0, offs, m, lr, c0, c1, (flags & _F_NESTEROV) != 0, init, DTYPE, COMPUTE, MOMENTUM, NESTEROV,
-                 MASKED)
-    elif RULE == _RULE_ADAM:
-        p = _adam(g, p, S0, S1, S2, offs, m, lr, c0, c1, c2, c3, c4, (flags & _F_AMSGRAD) != 0, DTYPE, COMPUTE,
-                  AMSGRAD, MASKED)
-    elif RULE == _RULE_RMSPROP:
-        p = _rmsprop(g, p, S0, S1, S2, offs, m, lr, c0, c1, c2, c3, (flags & _F_CENTERED) != 0, DTYPE, COMPUTE,
-                     MOMENTUM, CENTERED, MASKED)
-    elif RULE == _RULE_ADAGRAD:
-        p = _adagrad(g, p, S0, offs, m, lr, c0, DTYPE, COMPUTE, MASKED)
-    else:  # a rule without an update here: a visible result, never another rule's (the host refuses it first)
-        p = tl.full(p.shape, float("nan"), COMPUTE)
+    p = RULE_FN(g, p, S0, S1, S2, offs, m, lr, c0, c1, c2, c3, c4, init, flags, DTYPE, COMPUTE, FEATURES, MASKED)
     _store(P, offs, p, m, DTYPE, MASKED)
 
 
