@@ -218,4 +218,4 @@ def test_a_tensor_lr_is_read_at_its_address(capture, name):
 
 
 def _lr_table(backend) -> torch.Tensor:
-    return backend._lrs if backend.name == "triton" else backend._groups.lrs
+    return (backend._lr if backend.name == "triton" else backend._groups.lr).table

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fused_lr.backends import BackendUnavailable
-from fused_lr.backends.device_tables import NEW_ADDRESSES, NEW_PLAN, NEW_SETTINGS, DeviceTables
+from fused_lr.backends.device_tables import NEW_ADDRESSES, NEW_PLAN, NEW_SETTINGS, DeviceTables, LrTensors
 from fused_lr.core import layout as L
 from fused_lr.core.plan import Plan, Settings, StepScalars
 
@@ -162,29 +162,13 @@ class _Groups:
         self.version, self.device, self.n_groups = settings.version, dev, n
         self.hyper = tables.upload(settings.hyper, dev, last.hyper if last else None, why=NEW_SETTINGS)
         self.sched = tables.upload(settings.schedules, dev, last.sched if last else None, why=NEW_SETTINGS)
-        staged = [gi for gi, t in settings.lr_tensors.items()
-                  if t.device != dev or t.dtype not in (torch.float32, torch.float64)]
-        self.stage = torch.empty(len(staged), dtype=torch.float64, device=dev)
-        self.staged = [(self.stage[j], settings.lr_tensors[gi].reshape(())) for j, gi in enumerate(staged)]
-        # an lr tensor is read at its address, so the address must not move (lr.set_(), lr.data = ...)
-        self.watched = [(t, t.data_ptr()) for t in settings.lr_tensors.values()]
-        lr_rows = np.zeros((2, n), dtype=np.int64)
-        for gi, t in settings.lr_tensors.items():
-            if gi not in staged:
-                lr_rows[int(t.dtype == torch.float64), gi] = t.data_ptr()
-        for j, gi in enumerate(staged):
-            lr_rows[1, gi] = self.stage[j].data_ptr()
-        # the addresses of float32 lrs, then of float64 ones
-        self.lrs = tables.upload(lr_rows, dev, last.lrs if last else None, why=NEW_SETTINGS)
-        lrs = self.lrs.data_ptr()
-        # step's arguments from hyper to n_groups
+        self.lr = LrTensors(tables, settings.lr_tensors, n, dev, last.lr if last else None)
+        lrs = self.lr.table.data_ptr()
+        # step's arguments from hyper to n_groups: the addresses of float32 lrs, then of float64 ones
         self.head = (self.hyper.data_ptr(), self.sched.data_ptr(), lrs, lrs + 8 * n)
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
-        return self.hyper, self.sched, self.lrs, self.stage
-
-    def moved(self) -> bool:
-        return any(t.data_ptr() != ptr for t, ptr in self.watched)
+        return self.hyper, self.sched, *self.lr.buffers()
 
 
 class CudaBackend:
@@ -239,15 +223,10 @@ class CudaBackend:
     def _groups_for(self, plan: Plan, settings: Settings, capturing: bool) -> _Groups:
         groups = self._groups
         if groups is None or settings is not self._settings or settings.version != groups.version \
-                or groups.device != plan.device or groups.moved():
+                or groups.device != plan.device or groups.lr.moved():
             groups = self._groups = _Groups(plan, settings, self._device_tables, groups)
             self._settings = settings
-        if groups.staged:
-            if capturing:
-                raise RuntimeError(f"fused_lr cuda backend: an lr tensor that is not a float32 or float64 tensor on "
-                                   f"{plan.device} cannot be read by a captured step; put it there")
-            for dst, src in groups.staged:
-                dst.copy_(src, non_blocking=True)
+        groups.lr.refresh(plan.device, capturing)
         return groups
 
     # ------------------------------------------------------------------ the step

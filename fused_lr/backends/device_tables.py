@@ -89,3 +89,44 @@ class DeviceTables:
 
     def held(self, t: torch.Tensor) -> bool:
         return id(t) in self._held_ids
+
+
+class LrTensors:
+    """The groups' lr tensors as the prepare stages of both GPU backends read them: on the device,
+    at their addresses (no launch or copy of their own). ``table``: int64 (2, G), per group the
+    address of its float32 lr tensor, then per group that of its float64 one (0: none). An lr of
+    another dtype or device is staged into a float64 slot each step (``refresh``), which a captured
+    step cannot replay. Built anew when the settings change or an lr tensor's memory moves
+    (``moved``: lr.set_(), lr.data = ...); ``last``'s table is uploaded into where it can be."""
+
+    def __init__(self, tables: DeviceTables, lr_tensors: dict, n_groups: int, device: torch.device,
+                 last: LrTensors | None):
+        self._backend = tables.backend
+        staged = [gi for gi, t in lr_tensors.items() if t.device != device or t.dtype not in (torch.float32,
+                                                                                             torch.float64)]
+        self.stage = torch.empty(len(staged), dtype=torch.float64, device=device)
+        self.staged = [(self.stage[j], lr_tensors[gi].reshape(())) for j, gi in enumerate(staged)]
+        self.watched = [(t, t.data_ptr()) for t in lr_tensors.values()]
+        rows = np.zeros((2, n_groups), dtype=np.int64)
+        for gi, t in lr_tensors.items():
+            if gi not in staged:
+                rows[int(t.dtype == torch.float64), gi] = t.data_ptr()
+        for j, gi in enumerate(staged):
+            rows[1, gi] = self.stage[j].data_ptr()
+        self.table = tables.upload(rows, device, last.table if last else None, why=NEW_SETTINGS)
+
+    def moved(self) -> bool:
+        return any(t.data_ptr() != ptr for t, ptr in self.watched)
+
+    def refresh(self, device: torch.device, capturing: bool) -> None:
+        """This step's staged lrs."""
+        if not self.staged:
+            return
+        if capturing:
+            raise RuntimeError(f"fused_lr {self._backend} backend: an lr tensor that is not a float32 or float64 "
+                               f"tensor on {device} cannot be read by a captured step; put it there")
+        for slot, lr in self.staged:
+            slot.copy_(lr, non_blocking=True)
+
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.table, self.stage

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fused_lr.backends import BackendUnavailable
-from fused_lr.backends.device_tables import NEW_ADDRESSES, NEW_PLAN, NEW_SETTINGS, DeviceTables
+from fused_lr.backends.device_tables import NEW_ADDRESSES, NEW_PLAN, NEW_SETTINGS, DeviceTables, LrTensors
 from fused_lr.core import layout as L
 from fused_lr.core.plan import Plan, Settings, StepScalars
 
@@ -136,12 +136,8 @@ class TritonBackend:
         self._settings_key = None
         self._hyper: torch.Tensor | None = None
         self._schedules: torch.Tensor | None = None
-        # tensor lrs, read at their addresses by prepare_kernel: (2, G) float32 then float64 addresses
-        self._lrs: torch.Tensor | None = None
-        self._lr_watch: list = []  # (lr tensor, its address when the table was written)
-        self._lr_staged: list = []  # (float64 slot, lr) for lrs of another dtype or device: copied each step
-        self._lr_key = None  # the settings key the address table was written for
-        self._lr_stage: torch.Tensor | None = None
+        self._lr: LrTensors | None = None  # the groups' lr tensors, when any
+        self._lr_key = None  # the settings key they were built for
         self._flags: dict = {}
         self._rule = L.RULE_SGD
         self._update_key = None
@@ -200,32 +196,14 @@ class TritonBackend:
             self._settings_key = key
         return self._hyper, self._schedules, self._flags
 
-    def _lr_table(self, settings: Settings, device: torch.device, capturing: bool) -> None:
-        """The addresses of the groups' lr tensors, which prepare_kernel multiplies into their LR
-        column on the device (no launch of their own): rewritten when the settings changed or an
-        lr tensor's memory moved (lr.set_(), lr.data = ...); an lr of another dtype or device is
-        staged into a float64 slot each step (a copy, which a captured step cannot replay)."""
-        if (self._lr_key != self._settings_key or any(t.data_ptr() != ptr for t, ptr in self._lr_watch)):
-            n = len(settings.groups)
-            staged = [gi for gi, t in settings.lr_tensors.items()
-                      if t.device != device or t.dtype not in (torch.float32, torch.float64)]
-            stage = self._lr_stage = torch.empty(len(staged), dtype=torch.float64, device=device)
-            rows = np.zeros((2, n), dtype=np.int64)
-            for gi, t in settings.lr_tensors.items():
-                if gi not in staged:
-                    rows[int(t.dtype == torch.float64), gi] = t.data_ptr()
-            for j, gi in enumerate(staged):
-                rows[1, gi] = stage[j].data_ptr()
-            self._lrs = self._device_tables.upload(rows, device, self._lrs, why=NEW_SETTINGS)
-            self._lr_staged = [(stage[j], settings.lr_tensors[gi].reshape(())) for j, gi in enumerate(staged)]
-            self._lr_watch = [(t, t.data_ptr()) for t in settings.lr_tensors.values()]
+    def _lr_tensors(self, settings: Settings, device: torch.device, capturing: bool) -> LrTensors:
+        """The groups' lr tensors, read at their addresses by prepare_kernel (device_tables.py)."""
+        lr = self._lr
+        if lr is None or self._lr_key != self._settings_key or lr.moved():
+            lr = self._lr = LrTensors(self._device_tables, settings.lr_tensors, len(settings.groups), device, lr)
             self._lr_key = self._settings_key
-        if self._lr_staged:
-            if capturing:
-                raise RuntimeError(f"fused_lr triton backend: an lr tensor that is not a float32 or float64 tensor on "
-                                   f"{device} cannot be read by a captured step; put it there")
-            for slot, lr in self._lr_staged:
-                slot.copy_(lr, non_blocking=True)
+        lr.refresh(device, capturing)
+        return lr
 
     def _rule_function(self, rule: int):
         """The update of RULES code ``rule``: the kernels' ``_<rule name>``."""
@@ -285,15 +263,14 @@ class TritonBackend:
                 HAS_CLIP_VALUE=settings.clip_value is not None, HAS_SCALE=has_scale, MAXIMIZE=flags["MAXIMIZE"],
                 COUPLED_WD=flags["COUPLED_WD"], DECOUPLED_WD=flags["DECOUPLED_WD"], BLOCK=tab.block, CHUNK=tab.chunk)
         update_flags = self._update_flags
-        if settings.lr_tensors:
-            self._lr_table(settings, plan.device, capturing)
+        lr = self._lr_tensors(settings, plan.device, capturing) if settings.lr_tensors else None
         finish = self._pending is not None and norm is self._pending[0] and tab is self._pending[1]
         self._pending = None
         with _device(plan.device):
             K.prepare_kernel[(1,)](
                 tab.tensors, tab.n_tensors, hyper, schedules, clocks, n_groups, tab.coefs,
                 norm if norm is not None else hyper, tab.partials, tab.n_chunks, scale, found,
-                self._lrs if settings.lr_tensors else tab.tensors, HAS_LR_TENSORS=bool(settings.lr_tensors),
+                tab.tensors if lr is None else lr.table, HAS_LR_TENSORS=lr is not None,
                 HAS_CLIP=clip, HAS_RATE=settings.lr_norm_power != 0, HAS_SCALE=has_scale,
                 HAS_FOUND=scalars.found_inf is not None, FINISH=finish, PROGRAM=plan.coefficients, KINDS=flags["KINDS"],
                 BLOCK=_PREPARE_BLOCK, SUM_BLOCK=_SUM_BLOCK)
@@ -301,8 +278,7 @@ class TritonBackend:
                 K.update_kernel[grid](tab.tensors, chunks, n, tab.n_tensors, hyper, n_groups, tab.coefs,
                                       DTYPE=self._tl[dtype], ALIGNED=aligned, ROWS=rows, **update_flags)
         if capturing:
-            lrs = (self._lrs, self._lr_stage) if settings.lr_tensors else ()
-            self._device_tables.hold(*tab.buffers(), hyper, schedules, *lrs)
+            self._device_tables.hold(*tab.buffers(), hyper, schedules, *(lr.buffers() if lr else ()))
 
 
 def _is_interpreted(kernels) -> bool:
