@@ -73,18 +73,6 @@ class _Unknown(FusedSGD):
     rule = max(L.RULES.values()) + 1
 
 
-@pytest.mark.parametrize("backend,device", backend_cases())
-def test_an_unknown_rule_is_refused_before_anything_changes(backend, device):
-    params = _params()
-    before = [p.detach().clone() for p in params]
-    opt = _Unknown(params, lr=0.1, momentum=0.9, backend=backend)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    with pytest.raises(ValueError, match=f"unknown rule code {_Unknown.rule}"):
-        opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True)) and not opt.state
-
-
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_a_kernel_handed_an_unknown_rule_writes_nan(backend, device):
     """Past the host's check (the plan's rule rewritten by hand): NaN, not SGD's or Adagrad's update.
@@ -109,14 +97,17 @@ class _UnknownLrKind(FusedSGD):
     coefficients = FusedSGD.coefficients & ~31 | len(L.LR_KINDS) << 3  # LR: a kind no prepare stage has
 
 
+@pytest.mark.parametrize("cls,error", [(_Unknown, f"unknown rule code {_Unknown.rule}"),
+                                       (_UnknownLrKind, "bad coefficient program: slot 0 has kind 3")],
+                         ids=["rule", "coefficient-kind"])
 @pytest.mark.parametrize("backend,device", backend_cases())
-def test_an_unknown_coefficient_kind_is_refused_before_anything_changes(backend, device):
+def test_an_unknown_rule_or_coefficient_kind_is_refused_before_anything_changes(backend, device, cls, error):
     params = _params()
     before = [p.detach().clone() for p in params]
-    opt = _UnknownLrKind(params, lr=0.1, momentum=0.9, backend=backend)
+    opt = cls(params, lr=0.1, momentum=0.9, backend=backend)
     for p in params:
         p.grad = torch.ones_like(p)
-    with pytest.raises(ValueError, match="bad coefficient program: slot 0 has kind 3"):
+    with pytest.raises(ValueError, match=error):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True)) and not opt.state
 
