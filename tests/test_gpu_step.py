@@ -98,6 +98,42 @@ def test_cuda_graph_replay_equals_eager(backend):
 
 
 @pytest.mark.parametrize("backend", cuda_cases())
+def test_a_replay_runs_with_the_settings_it_captured(backend):
+    """docs/step.md, "What a replayed CUDA graph sees": an lr set after the capture moves the eager
+    steps only (they upload fresh tables); the graph replays with the lr it captured, from the
+    tables it captured, which stay alive, and with the clocks as the eager step left them."""
+    graphed, eager = make_model(torch.float32, "cuda"), make_model(torch.float32, "cuda")
+    opt_g, opt_e = make_opt(graphed, backend), make_opt(eager, backend)
+    static_grads(graphed)
+    static_grads(eager)
+    all_grads = [grads_for(graphed, step) for step in range(WARMUP + 2)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(WARMUP):
+            set_grads(graphed, all_grads[step])
+            opt_g.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_g.step()  # captured with lr 0.1
+    opt_g.param_groups[0]["lr"] = 0.01
+    set_grads(graphed, all_grads[WARMUP])
+    opt_g.step()  # eager, lr 0.01
+    set_grads(graphed, all_grads[WARMUP + 1])
+    graph.replay()  # lr 0.1, as captured
+
+    for step in range(WARMUP + 2):
+        opt_e.param_groups[0]["lr"] = 0.01 if step == WARMUP else 0.1
+        set_grads(eager, all_grads[step])
+        opt_e.step()
+    torch.cuda.synchronize()
+    assert {float(opt_g.state[p]["step"]) for p in graphed.parameters()} == {float(WARMUP + 2)}
+    for pe, pg in zip(eager.parameters(), graphed.parameters(), strict=True):
+        assert torch.equal(pe, pg)
+
+
+@pytest.mark.parametrize("backend", cuda_cases())
 def test_step_does_not_synchronise(backend):
     model = make_model(torch.float32, "cuda")
     opt = make_opt(model, backend)
