@@ -700,9 +700,54 @@ struct UpdateArgs {
   double clip_value;
 };
 
-// Thread tid's share of block `block` of the update with rule RULE (a RULES code); the rule's
-// variant follows the row's group (its flags and momentum), one branch per block.
-template <typename T, int RULE>
+// ---------------------------------------------------------------------------- updates
+// Each rule as update_block drives it, named for its RULES name (capitalised): its scalars from
+// the scratch row k, its variant from the row's flags and coefficients (one branch per block,
+// never per element), then the thread's share of the block. FLR_RULES (generated from
+// fused_lr/core/layout.py RULES) lists them, so the dispatch below names no rule.
+struct Sgd {
+  template <typename T, typename M>
+  FLR_HD static void update(const Arrays<T>& x, int64_t b, int64_t e, bool aligned, int tid, int threads,
+                            const Common<M>& common, const double* k, int flags) {
+    const SgdCoefs<M> c = sgd_coefs<M>(k, flags);
+    if (k[L::C_C0] != 0.0) update_thread(x, b, e, aligned, tid, threads, SgdRule<M, true>{common, c});
+    else update_thread(x, b, e, aligned, tid, threads, SgdRule<M, false>{common, c});
+  }
+};
+
+struct Adam {
+  template <typename T, typename M>
+  FLR_HD static void update(const Arrays<T>& x, int64_t b, int64_t e, bool aligned, int tid, int threads,
+                            const Common<M>& common, const double* k, int flags) {
+    const AdamCoefs<M> c = adam_coefs<M>(k);
+    if ((flags & L::F_AMSGRAD) != 0) update_thread(x, b, e, aligned, tid, threads, AdamRule<M, true>{common, c});
+    else update_thread(x, b, e, aligned, tid, threads, AdamRule<M, false>{common, c});
+  }
+};
+
+struct Rmsprop {
+  template <typename T, typename M>
+  FLR_HD static void update(const Arrays<T>& x, int64_t b, int64_t e, bool aligned, int tid, int threads,
+                            const Common<M>& common, const double* k, int flags) {
+    const RmspropCoefs<M> c = rmsprop_coefs<M>(k);
+    const bool momentum = k[L::C_C0 + 3] > 0.0, centered = (flags & L::F_CENTERED) != 0;
+    if (momentum && centered) update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, true, true>{common, c});
+    else if (momentum) update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, true, false>{common, c});
+    else if (centered) update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, false, true>{common, c});
+    else update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, false, false>{common, c});
+  }
+};
+
+struct Adagrad {
+  template <typename T, typename M>
+  FLR_HD static void update(const Arrays<T>& x, int64_t b, int64_t e, bool aligned, int tid, int threads,
+                            const Common<M>& common, const double* k, int) {
+    update_thread(x, b, e, aligned, tid, threads, AdagradRule<M>{common, adagrad_coefs<M>(k)});
+  }
+};
+
+// Thread tid's share of block `block` of the update with rule Rule (one of the updates above).
+template <typename T, typename Rule>
 FLR_HD void update_block(const UpdateArgs& a, int64_t block, int64_t chunk, int tid, int threads) {
   using M = typename MathOf<T>::type;
   const double* wide = a.scratch + a.n_tensors * L::COEF_COLS;
@@ -719,43 +764,21 @@ FLR_HD void update_block(const UpdateArgs& a, int64_t block, int64_t chunk, int 
   for (int j = 0; j < L::MAX_STATES; ++j) x.s[j] = reinterpret_cast<T*>(row[L::T_STATE0 + j]);
   // T_ALIGNED covers the parameter and state; the gradient's address moves every step
   const bool aligned = row[L::T_ALIGNED] != 0 && (row[L::T_GRAD] & 15) == 0;
-  const int64_t b = r.begin, e = r.end;
-  if constexpr (RULE == L::RULE_ADAM) {
-    const AdamCoefs<M> c = adam_coefs<M>(k);
-    if ((flags & L::F_AMSGRAD) != 0) update_thread(x, b, e, aligned, tid, threads, AdamRule<M, true>{common, c});
-    else update_thread(x, b, e, aligned, tid, threads, AdamRule<M, false>{common, c});
-  } else if constexpr (RULE == L::RULE_RMSPROP) {
-    const RmspropCoefs<M> c = rmsprop_coefs<M>(k);
-    const bool momentum = k[L::C_C0 + 3] > 0.0, centered = (flags & L::F_CENTERED) != 0;
-    if (momentum && centered) update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, true, true>{common, c});
-    else if (momentum) update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, true, false>{common, c});
-    else if (centered) update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, false, true>{common, c});
-    else update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, false, false>{common, c});
-  } else if constexpr (RULE == L::RULE_ADAGRAD) {
-    update_thread(x, b, e, aligned, tid, threads, AdagradRule<M>{common, adagrad_coefs<M>(k)});
-  } else {
-    static_assert(RULE == L::RULE_SGD, "a rule without an update");
-    const SgdCoefs<M> c = sgd_coefs<M>(k, flags);
-    if (k[L::C_C0] != 0.0) update_thread(x, b, e, aligned, tid, threads, SgdRule<M, true>{common, c});
-    else update_thread(x, b, e, aligned, tid, threads, SgdRule<M, false>{common, c});
-  }
+  Rule::template update<T, M>(x, r.begin, r.end, aligned, tid, threads, common, k, flags);
 }
 
-// A RULES code as a type, for update_block's template argument.
-template <int R>
-struct RuleTag {
-  static constexpr int value = R;
-};
-
-// Host side: f(RuleTag<rule>{}) for a known rule code, and whether the code was known.
+// Host side: f(Rule{}) for the update of a known rule code, and whether the code was known.
 template <typename F>
 bool with_rule(int rule, F&& f) {
   switch (rule) {
-    case L::RULE_SGD: f(RuleTag<L::RULE_SGD>{}); return true;
-    case L::RULE_ADAM: f(RuleTag<L::RULE_ADAM>{}); return true;
-    case L::RULE_RMSPROP: f(RuleTag<L::RULE_RMSPROP>{}); return true;
-    case L::RULE_ADAGRAD: f(RuleTag<L::RULE_ADAGRAD>{}); return true;
-    default: return false;
+#define FLR_RULE_CASE(code, Name) \
+  case code:                      \
+    f(Name{});                    \
+    return true;
+    FLR_RULES(FLR_RULE_CASE)
+#undef FLR_RULE_CASE
+    default:
+      return false;
   }
 }
 

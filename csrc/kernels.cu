@@ -76,9 +76,9 @@ __global__ void __launch_bounds__(BLOCK) prepare_kernel(PrepareArgs a, float* cl
 
 // Two blocks of BLOCK threads per SM: at most 64 registers a thread, which every rule's update
 // fits without spilling (nvcc -Xptxas -v).
-template <typename T, int RULE>
+template <typename T, typename Rule>
 __global__ void __launch_bounds__(BLOCK, 2) update_kernel(UpdateArgs a, int64_t first_block) {
-  update_block<T, RULE>(a, first_block + blockIdx.x, CHUNK, threadIdx.x, BLOCK);
+  update_block<T, Rule>(a, first_block + blockIdx.x, CHUNK, threadIdx.x, BLOCK);
 }
 
 std::string cuda_error(const char* what, cudaError_t err) {
@@ -169,7 +169,7 @@ std::string launch_step(const StepLaunch& s, int device, void* stream) {
     if (b.n_blocks == 0) continue;
     with_rule(s.rule, [&](auto rule) {
       dispatch(b.dtype, [&](auto tag) {
-        update_kernel<decltype(tag), decltype(rule)::value>
+        update_kernel<decltype(tag), decltype(rule)>
             <<<static_cast<unsigned>(b.n_blocks), BLOCK, 0, st>>>(s.update, b.first_block);
       });
     });

@@ -97,7 +97,7 @@ int step(const flr::StepLaunch& s, int64_t chunk, int threads) {
       dispatch(b.dtype, [&](auto tag) {
         for (int64_t block = b.first_block; block < b.first_block + b.n_blocks; ++block) {
           for (int tid = 0; tid < threads; ++tid)
-            flr::update_block<decltype(tag), decltype(rule)::value>(s.update, block, chunk, tid, threads);
+            flr::update_block<decltype(tag), decltype(rule)>(s.update, block, chunk, tid, threads);
         }
       });
     });

@@ -110,7 +110,7 @@ void update(std::istream& in) {
   const int32_t blocks[1] = {0};
   const flr::UpdateArgs u = {row, blocks, 1, hyper.data(), scratch, has_clip, clip};
   const bool known = flr::with_rule(rule, [&](auto tag) {
-    flr::update_block<T, decltype(tag)::value>(u, 0, n > 0 ? n : 1, 0, 1);
+    flr::update_block<T, decltype(tag)>(u, 0, n > 0 ? n : 1, 0, 1);
   });
   if (!known) {
     in.setstate(std::ios::failbit);

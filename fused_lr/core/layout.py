@@ -116,6 +116,9 @@ def c_header() -> str:
     for prefix, table in _PREFIXED.items():
         lines.append("")
         lines += [f"constexpr int {prefix}{name} = {value};" for name, value in table.items()]
+    # every rule by code and by the name of its update in csrc/fused_lr_math.h (its RULES name,
+    # capitalised): the kernels' dispatch is generated from this list
+    lines += ["", "#define FLR_RULES(X) " + " ".join(f"X({code}, {name.capitalize()})" for name, code in RULES.items())]
     lines += ["", f"constexpr int TENSOR_COLS = {TENSOR_COLS};", f"constexpr int HYPER_COLS = {HYPER_COLS};",
               f"constexpr int COEF_COLS = {COEF_COLS};", f"constexpr int RULE_COLS = {RULE_COLS};", "",
               "}  // namespace layout", "}  // namespace flr", ""]
