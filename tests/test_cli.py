@@ -394,10 +394,24 @@ def test_bench_help_names_every_benchmark(capsys):
         assert command in out
 
 
-def test_bench_bad_argument_is_one_line(capsys):
-    assert main(["bench", "--repeat", "0"]) == 2
+@pytest.mark.parametrize("args,message", [(["--repeat", "0"], "--repeat must be >= 1"),
+                                          (["--idle-ms", "-1"], "--idle-ms must be between 0 and 10000")])
+def test_bench_bad_argument_is_one_line(capsys, args, message):
+    assert main(["bench", *args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--repeat must be >= 1" in err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_idle_cadence_pauses_before_each_step_but_not_the_bound(monkeypatch):
+    """--idle-ms: every timed step but the streaming bound's waits that long after the cache sweep,
+    untimed; the bound stays back to back."""
+    events = []
+    monkeypatch.setattr(step_bench.time, "sleep", lambda s: events.append(("idle", s)))
+    fns = {"step": lambda: events.append("step"), step_bench.STREAM: lambda: events.append("bound")}
+    times = step_bench.time_interleaved(fns, repeat=2, warmup=0, before=lambda: events.append("sweep"),
+                                        idle_s=0.03, busy=(step_bench.STREAM,))
+    assert events == ["sweep", ("idle", 0.03), "step", "sweep", "bound"] * 2
+    assert {name: len(t) for name, t in times.items()} == {"step": 2, step_bench.STREAM: 2}
 
 
 def test_benchmarks_leave_the_environment_alone(monkeypatch):

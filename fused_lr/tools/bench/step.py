@@ -10,6 +10,11 @@ the last-level cache runs untimed before every timed step). Both libraries run w
 thread count (``--threads``). Every run ends with its verdict on its own disturbance (common.py),
 which bench.png carries too.
 
+``--idle-ms MS`` times each step as a training loop meets it: after the cache sweep, the process
+sits idle for MS milliseconds before the step (as Numba's thread pool does while torch's threads
+run the forward and backward), so waking the pool lands in the step. The streaming bound is
+timed back to back either way: it is the machine's, not a cadence's.
+
 ``--host`` times the host side alone instead (host.py).
 """
 
@@ -102,9 +107,10 @@ def cache_evictor() -> Callable[[], None]:
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], repeat: int, warmup: int = 3,
-                     before: Callable[[], None] | None = None) -> dict[str, list[float]]:
+                     before: Callable[[], None] | None = None, idle_s: float = 0.0,
+                     busy: tuple[str, ...] = ()) -> dict[str, list[float]]:
     """Seconds per call of each function, one call of each per round (``before`` runs untimed
-    ahead of each call)."""
+    ahead of each call, then an idle pause of ``idle_s`` seconds, except before those in ``busy``)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -113,6 +119,8 @@ def time_interleaved(fns: dict[str, Callable[[], None]], repeat: int, warmup: in
         for name, fn in fns.items():
             if before is not None:
                 before()
+            if idle_s and name not in busy:
+                time.sleep(idle_s)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -144,13 +152,14 @@ def probe_gbps(numel: int = 1 << 24, repeat: int = 5) -> float:
     return 5 * 4 * numel / best / 1e9
 
 
-def run_model(model: str, repeat: int, fused_backends: list[str], optimizer: str = "sgd") -> ModelResult:
+def run_model(model: str, repeat: int, fused_backends: list[str], optimizer: str = "sgd",
+              idle_ms: float = 0.0) -> ModelResult:
     groups = parameter_groups(model)
     params = [p for g in groups for p in g["params"]]
     numel = sum(p.numel() for p in params)
     fns = contenders(model, fused_backends, optimizer)
     fns.update(stream_steps(numel, optimizer))
-    times = time_interleaved(fns, repeat, before=cache_evictor())
+    times = time_interleaved(fns, repeat, before=cache_evictor(), idle_s=idle_ms / 1e3, busy=(STREAM,))
     med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
     low = {name: min(ts) * 1e3 for name, ts in times.items()}
     passes = 1 + OPTIMIZERS[optimizer][3]
@@ -209,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker threads for torch and Numba alike (default: every core)")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
                         help="the step to time: clip + SGD momentum or clip + AdamW, with a cosine schedule")
+    parser.add_argument("--idle-ms", type=float, default=0.0,
+                        help="idle pause before each timed step, as a training loop's forward and backward leave "
+                             "Numba's threads (default 0: back to back)")
     parser.add_argument("--host", action="store_true",
                         help="time the host side only: ResNet-50's 161 tensors at 1-8 elements, GPU launches stubbed")
     args = parser.parse_args(argv)
@@ -216,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeat must be >= 1")
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    if not 0 <= args.idle_ms <= 10_000:
+        parser.error("--idle-ms must be between 0 and 10000")
     if args.host:
         from fused_lr.tools.bench import host
 
@@ -230,13 +244,13 @@ def main(argv: list[str] | None = None) -> int:
 def run_main(args, chosen: list[str]) -> int:
     common.set_threads(args.threads)
     load_before, probe_before = os.getloadavg()[0], probe_gbps()
-    results = [run_model(m, args.repeat, chosen, args.optimizer) for m in args.models]
+    results = [run_model(m, args.repeat, chosen, args.optimizer, args.idle_ms) for m in args.models]
     load_after, probe_after = os.getloadavg()[0], probe_gbps()
     print(format_table(results))
     spreads = {f"{r.model} {row['name']}": row["median_ms"] / row["min_ms"] for r in results for row in r.rows}
     reasons = common.disturbance(load_before, load_after, args.threads, spreads, probe_before, probe_after)
     print(common.verdict(reasons))
-    report = dict(machine=common.machine(), repeat=args.repeat, optimizer=args.optimizer,
+    report = dict(machine=common.machine(), repeat=args.repeat, optimizer=args.optimizer, idle_ms=args.idle_ms,
                   results=[asdict(r) for r in results],
                   disturbance=dict(load=[load_before, load_after], probe_gbps=[probe_before, probe_after],
                                    spreads=spreads, reasons=reasons),
