@@ -701,48 +701,59 @@ struct UpdateArgs {
 };
 
 // ---------------------------------------------------------------------------- updates
+// A thread's share of one block, and the rule variant to run on it: run(rule), or either(v, ...),
+// which runs Rule<M, v> (the variant is a template argument, chosen once per block).
+template <typename T>
+struct Share {
+  Arrays<T> x;
+  int64_t begin, end;
+  bool aligned;
+  int tid, threads;
+  template <typename R>
+  FLR_HD void run(const R& rule) const {
+    update_thread(x, begin, end, aligned, tid, threads, rule);
+  }
+  template <template <typename, bool> class Rule, typename M, typename C>
+  FLR_HD void either(bool v, const Common<M>& common, const C& c) const {
+    if (v) run(Rule<M, true>{common, c});
+    else run(Rule<M, false>{common, c});
+  }
+};
+
 // Each rule as update_block drives it, named for its RULES name (capitalised): its scalars from
-// the scratch row k, its variant from the row's flags and coefficients (one branch per block,
-// never per element), then the thread's share of the block. FLR_RULES (generated from
-// fused_lr/core/layout.py RULES) lists them, so the dispatch below names no rule.
-struct Sgd {
+// the scratch row k, its variant from the row's flags and coefficients, then the thread's share.
+// FLR_RULES (generated from fused_lr/core/layout.py RULES) lists them, so the dispatch below
+// names no rule.
+struct Sgd {  // with or without momentum
   template <typename T, typename M>
-  FLR_HD static void update(const Arrays<T>& x, int64_t b, int64_t e, bool aligned, int tid, int threads,
-                            const Common<M>& common, const double* k, int flags) {
-    const SgdCoefs<M> c = sgd_coefs<M>(k, flags);
-    if (k[L::C_C0] != 0.0) update_thread(x, b, e, aligned, tid, threads, SgdRule<M, true>{common, c});
-    else update_thread(x, b, e, aligned, tid, threads, SgdRule<M, false>{common, c});
+  FLR_HD static void update(const Share<T>& s, const Common<M>& common, const double* k, int flags) {
+    s.template either<SgdRule>(k[L::C_C0] != 0.0, common, sgd_coefs<M>(k, flags));
   }
 };
 
-struct Adam {
+struct Adam {  // with or without amsgrad
   template <typename T, typename M>
-  FLR_HD static void update(const Arrays<T>& x, int64_t b, int64_t e, bool aligned, int tid, int threads,
-                            const Common<M>& common, const double* k, int flags) {
-    const AdamCoefs<M> c = adam_coefs<M>(k);
-    if ((flags & L::F_AMSGRAD) != 0) update_thread(x, b, e, aligned, tid, threads, AdamRule<M, true>{common, c});
-    else update_thread(x, b, e, aligned, tid, threads, AdamRule<M, false>{common, c});
+  FLR_HD static void update(const Share<T>& s, const Common<M>& common, const double* k, int flags) {
+    s.template either<AdamRule>((flags & L::F_AMSGRAD) != 0, common, adam_coefs<M>(k));
   }
 };
 
-struct Rmsprop {
+struct Rmsprop {  // momentum and centered, each on or off
   template <typename T, typename M>
-  FLR_HD static void update(const Arrays<T>& x, int64_t b, int64_t e, bool aligned, int tid, int threads,
-                            const Common<M>& common, const double* k, int flags) {
+  FLR_HD static void update(const Share<T>& s, const Common<M>& common, const double* k, int flags) {
     const RmspropCoefs<M> c = rmsprop_coefs<M>(k);
     const bool momentum = k[L::C_C0 + 3] > 0.0, centered = (flags & L::F_CENTERED) != 0;
-    if (momentum && centered) update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, true, true>{common, c});
-    else if (momentum) update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, true, false>{common, c});
-    else if (centered) update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, false, true>{common, c});
-    else update_thread(x, b, e, aligned, tid, threads, RmspropRule<M, false, false>{common, c});
+    if (momentum && centered) s.run(RmspropRule<M, true, true>{common, c});
+    else if (momentum) s.run(RmspropRule<M, true, false>{common, c});
+    else if (centered) s.run(RmspropRule<M, false, true>{common, c});
+    else s.run(RmspropRule<M, false, false>{common, c});
   }
 };
 
-struct Adagrad {
+struct Adagrad {  // one variant
   template <typename T, typename M>
-  FLR_HD static void update(const Arrays<T>& x, int64_t b, int64_t e, bool aligned, int tid, int threads,
-                            const Common<M>& common, const double* k, int) {
-    update_thread(x, b, e, aligned, tid, threads, AdagradRule<M>{common, adagrad_coefs<M>(k)});
+  FLR_HD static void update(const Share<T>& s, const Common<M>& common, const double* k, int) {
+    s.run(AdagradRule<M>{common, adagrad_coefs<M>(k)});
   }
 };
 
@@ -758,13 +769,17 @@ FLR_HD void update_block(const UpdateArgs& a, int64_t block, int64_t chunk, int 
   const double* h = a.hyper + row[L::T_GROUP] * L::HYPER_COLS;
   const int flags = static_cast<int>(h[L::H_FLAGS]);
   const Common<M> common = common_coefs<M>(k, wide, h, a.has_clip_value, a.clip_value);
-  Arrays<T> x;
-  x.p = reinterpret_cast<T*>(row[L::T_PARAM]);
-  x.g = reinterpret_cast<const T*>(row[L::T_GRAD]);
-  for (int j = 0; j < L::MAX_STATES; ++j) x.s[j] = reinterpret_cast<T*>(row[L::T_STATE0 + j]);
+  Share<T> s;
+  s.x.p = reinterpret_cast<T*>(row[L::T_PARAM]);
+  s.x.g = reinterpret_cast<const T*>(row[L::T_GRAD]);
+  for (int j = 0; j < L::MAX_STATES; ++j) s.x.s[j] = reinterpret_cast<T*>(row[L::T_STATE0 + j]);
+  s.begin = r.begin;
+  s.end = r.end;
   // T_ALIGNED covers the parameter and state; the gradient's address moves every step
-  const bool aligned = row[L::T_ALIGNED] != 0 && (row[L::T_GRAD] & 15) == 0;
-  Rule::template update<T, M>(x, r.begin, r.end, aligned, tid, threads, common, k, flags);
+  s.aligned = row[L::T_ALIGNED] != 0 && (row[L::T_GRAD] & 15) == 0;
+  s.tid = tid;
+  s.threads = threads;
+  Rule::template update<T, M>(s, common, k, flags);
 }
 
 // Host side: f(Rule{}) for the update of a known rule code, and whether the code was known.

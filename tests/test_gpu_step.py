@@ -58,6 +58,22 @@ def static_grads(model):
         p.grad = torch.zeros_like(p)
 
 
+def captured_step(model, opt, all_grads):
+    """WARMUP eager steps on a side stream (as torch.cuda.graphs advises), then one step captured,
+    not run: the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(WARMUP):
+            set_grads(model, all_grads[step])
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph
+
+
 @pytest.mark.parametrize("backend", cuda_cases())
 def test_cuda_graph_replay_equals_eager(backend):
     """Capture one whole step, replay it REPLAYS times with fresh gradients copied into the
@@ -69,16 +85,7 @@ def test_cuda_graph_replay_equals_eager(backend):
     static_grads(graphed)
     all_grads = [grads_for(eager, step) for step in range(WARMUP + REPLAYS)]
 
-    side = torch.cuda.Stream()  # warm up off the default stream, as torch.cuda.graphs advises
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for step in range(WARMUP):
-            set_grads(graphed, all_grads[step])
-            opt_g.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt_g.step()  # captured, not run
+    graph = captured_step(graphed, opt_g, all_grads)
     for step in range(WARMUP, WARMUP + REPLAYS):
         set_grads(graphed, all_grads[step])
         graph.replay()
@@ -107,16 +114,7 @@ def test_a_replay_runs_with_the_settings_it_captured(backend):
     static_grads(graphed)
     static_grads(eager)
     all_grads = [grads_for(graphed, step) for step in range(WARMUP + 2)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for step in range(WARMUP):
-            set_grads(graphed, all_grads[step])
-            opt_g.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt_g.step()  # captured with lr 0.1
+    graph = captured_step(graphed, opt_g, all_grads)  # with lr 0.1
     opt_g.param_groups[0]["lr"] = 0.01
     set_grads(graphed, all_grads[WARMUP])
     opt_g.step()  # eager, lr 0.01
