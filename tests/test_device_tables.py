@@ -219,3 +219,22 @@ def test_a_tensor_lr_is_read_at_its_address(capture, name):
 
 def _lr_table(backend) -> torch.Tensor:
     return (backend._lr if backend.name == "triton" else backend._groups.lr).table
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_an_lr_tensor_retyped_at_the_same_address_is_read_as_its_new_dtype(capture, name):
+    """The lr table says at which address and as which dtype each group's lr is read: an lr whose
+    memory is swapped for a float32 view of the very same bytes (lr.data = ..., same address) is
+    re-addressed as float32, never read as the float64 it was."""
+    buf = torch.zeros(1, dtype=torch.float64)
+    buf[0] = 0.1
+    lr = buf[0]
+    params, opt, backend = _setup(name, lr=lr)
+    opt.step()
+    opt.step()
+    table = _lr_table(backend).clone()
+    assert table[1, 0] == lr.data_ptr() and table[0, 0] == 0  # float64 row
+    lr.data = buf.view(torch.float32)[0]  # same address, now float32
+    assert lr.data_ptr() == int(table[1, 0])
+    opt.step()
+    assert _lr_table(backend)[0, 0] == lr.data_ptr() and _lr_table(backend)[1, 0] == 0

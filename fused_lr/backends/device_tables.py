@@ -96,8 +96,9 @@ class LrTensors:
     at their addresses (no launch or copy of their own). ``table``: int64 (2, G), per group the
     address of its float32 lr tensor, then per group that of its float64 one (0: none). An lr of
     another dtype or device is staged into a float64 slot each step (``refresh``), which a captured
-    step cannot replay. Built anew when the settings change or an lr tensor's memory moves
-    (``moved``: lr.set_(), lr.data = ...); ``last``'s table is uploaded into where it can be."""
+    step cannot replay. Built anew when the settings change or an lr tensor's memory moves or
+    changes dtype or device (``moved``: lr.set_(), lr.data = ..., even a view of another dtype at
+    the same address); ``last``'s table is uploaded into where it can be."""
 
     def __init__(self, tables: DeviceTables, lr_tensors: dict, n_groups: int, device: torch.device,
                  last: LrTensors | None):
@@ -106,7 +107,8 @@ class LrTensors:
                                                                                              torch.float64)]
         self.stage = torch.empty(len(staged), dtype=torch.float64, device=device)
         self.staged = [(self.stage[j], lr_tensors[gi].reshape(())) for j, gi in enumerate(staged)]
-        self.watched = [(t, t.data_ptr()) for t in lr_tensors.values()]
+        # read at its address as its dtype, or staged by dtype and device: all three must stay
+        self.watched = [(t, t.data_ptr(), t.dtype, t.device) for t in lr_tensors.values()]
         rows = np.zeros((2, n_groups), dtype=np.int64)
         for gi, t in lr_tensors.items():
             if gi not in staged:
@@ -116,7 +118,8 @@ class LrTensors:
         self.table = tables.upload(rows, device, last.table if last else None, why=NEW_SETTINGS)
 
     def moved(self) -> bool:
-        return any(t.data_ptr() != ptr for t, ptr in self.watched)
+        return any(t.data_ptr() != ptr or t.dtype != dtype or t.device != device
+                   for t, ptr, dtype, device in self.watched)
 
     def refresh(self, device: torch.device, capturing: bool) -> None:
         """This step's staged lrs."""
