@@ -159,6 +159,7 @@ std::string launch_norm(const NormLaunch& n, int device, void* stream) {
 
 std::string launch_step(const StepLaunch& s, int device, void* stream) {
   if (!with_rule(s.rule, [](auto) {})) return "unsupported rule code " + std::to_string(s.rule);
+  if (s.prepare.partials != nullptr && s.prepare.norm == nullptr) return "norm partials without a norm to finish";
   std::string bad = check_buckets(s.buckets);
   if (!bad.empty()) return bad;
   const DeviceGuard guard(device);

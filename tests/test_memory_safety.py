@@ -121,18 +121,24 @@ def test_state_of_another_dtype_is_cast_before_a_kernel_reads_it(backend, device
     assert max_rel_diff(runs[backend][1], runs["reference"][1]) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 @pytest.mark.parametrize("backend,device", [c for c in backend_cases() if c.values[1] == "cpu"])
-def test_a_local_shard_moved_under_the_same_dtensor_is_seen(backend, device, one_rank_mesh):
+def test_a_local_shard_moved_under_the_same_dtensor_is_seen(backend, device, one_rank_mesh, dtype):
     """The DTensor stays the same object while its local shard moves (``.data`` replaced: new
-    memory): the next step addresses the new shard, never the freed one the plan was built on."""
+    memory): the next step addresses the new shard, never the freed one the plan was built on; and
+    only then is a plan rebuilt (a complex shard's real view, a new object each step, used to make
+    every step rebuild)."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    full = torch.randn(8, 4, dtype=torch.float64)
+    full = torch.randn(8, 4, dtype=dtype)
     p = torch.nn.Parameter(distribute_tensor(full.clone(), one_rank_mesh, [Shard(0)]))
     plain = torch.nn.Parameter(full.clone())
     opt, ref = FusedSGD([p], backend=backend, **KW), FusedSGD([plain], backend="reference", **KW)
-    for step in range(3):
-        g = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+    builds = []
+    build = opt._build_plan
+    opt._build_plan = lambda grads: builds.append(1) or build(grads)
+    for step in range(4):
+        g = torch.randn(8, 4, dtype=dtype, generator=torch.Generator().manual_seed(step))
         p.grad, plain.grad = distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)]), g.clone()
         if step == 1:
             old = p._local_tensor.data_ptr()
@@ -141,6 +147,7 @@ def test_a_local_shard_moved_under_the_same_dtensor_is_seen(backend, device, one
         opt.step()
         ref.step()
     assert opt.backend == backend
+    assert len(builds) == 2  # the first step's plan, and the one after the move
     assert torch.allclose(p.full_tensor(), plain, rtol=1e-12, atol=0)
 
 

@@ -329,7 +329,8 @@ void prefetch_tensors(const std::vector<PyObject*>& objects) {
     impls.push_back(impl);
   }
   for (const c10::TensorImpl* impl : impls) {
-    if (impl->has_storage()) touch(impl->unsafe_storage().unsafeGetStorageImpl());
+    // unsafe_storage is inline (has_storage is virtual); null for a tensor without storage
+    if (const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl()) touch(storage);
   }
 }
 
@@ -460,7 +461,7 @@ PyObject* structure(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject
         // the record's length, roughly: 16 words a parameter, 48 a state entry (two tensors)
         size_t words = 16 * params_in_all + 48 * static_cast<size_t>(PyDict_GET_SIZE(state)) + 64;
         std::vector<PyObject*> objects;
-        objects.reserve(params_in_all + 2 * static_cast<size_t>(PyDict_GET_SIZE(state)));
+        objects.reserve(params_in_all + 4 * static_cast<size_t>(PyDict_GET_SIZE(state)));  // AMSGrad: 4 values
         for_each(param_lists, [&](PyObject* params) { gather_items(params, objects); });
         gather_state(state, objects);
         prefetch_tensors(objects);

@@ -80,6 +80,7 @@ int norm(const flr::NormLaunch& n, int64_t chunk, int threads) {
 // launch_step of kernels.cu
 int step(const flr::StepLaunch& s, int64_t chunk, int threads) {
   if (!flr::with_rule(s.rule, [](auto) {})) return -2;
+  if (s.prepare.partials != nullptr && s.prepare.norm == nullptr) return -3;
   for (const flr::Bucket& b : s.buckets) {
     if (b.dtype != flr::DT_FLOAT32 && b.dtype != flr::DT_FLOAT64) return -1;
   }
@@ -133,7 +134,7 @@ int flr_norm(const int64_t* table, const int32_t* blocks, const int* dtypes, con
 }
 
 // fused_lr._cuda.step likewise. Returns 0, -1 for a dtype the twin does not handle, -2 for an
-// unknown rule.
+// unknown rule, -3 for norm partials without a norm.
 int flr_step(int rule, int64_t program, const int64_t* table, const int32_t* blocks, int64_t n_tensors, const int* dtypes,
              const int64_t* first_blocks, const int64_t* n_blocks, int n_buckets, const double* hyper,
              const double* sched, const int64_t* lr32, const int64_t* lr64, float* clocks, int64_t n_groups,

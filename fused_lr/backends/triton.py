@@ -139,7 +139,6 @@ class TritonBackend:
         self._lr: LrTensors | None = None  # the groups' lr tensors, when any
         self._lr_key = None  # the settings key they were built for
         self._flags: dict = {}
-        self._rule = L.RULE_SGD
         self._update_key = None
         self._update_flags: dict = {}
         self._pending: tuple | None = None  # (norm, tables) whose partials the next prepare_kernel sums
@@ -165,12 +164,11 @@ class TritonBackend:
             tab.versions = (plan.grad_version, plan.state_version)
         return tab
 
-    def _settings_for(self, settings: Settings, device: torch.device,
-                      capturing: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _settings_for(self, settings: Settings, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The hyper rows (plus the optimizer-wide row) and schedule tables on the device, and the
         constexpr feature flags: which features any group uses and which schedule kinds occur, so
         kernels compile only those."""
-        key = (id(settings), settings.version, device, self._rule)
+        key = (id(settings), settings.version, device)
         if key != self._settings_key:
             K = self._k
             wide = np.zeros((1, L.HYPER_COLS))
@@ -222,8 +220,7 @@ class TritonBackend:
         K = self._k
         capturing = self._device_tables.capturing(plan.device)
         tab = self._tables_for(plan)
-        self._rule = plan.rule
-        hyper, _, _ = self._settings_for(settings, plan.device, capturing)
+        hyper, _, _ = self._settings_for(settings, plan.device)
         out = torch.empty((), dtype=plan.norm_dtype, device=plan.device)
         scale = scalars.grad_scale if scalars.grad_scale is not None else hyper
         n_groups = len(settings.groups)
@@ -247,15 +244,14 @@ class TritonBackend:
         K = self._k
         capturing = self._device_tables.capturing(plan.device)
         tab = self._tables_for(plan)
-        self._rule = plan.rule
-        hyper, schedules, flags = self._settings_for(settings, plan.device, capturing)
+        hyper, schedules, flags = self._settings_for(settings, plan.device)
         found = scalars.found_inf if scalars.found_inf is not None else hyper
         scale = scalars.grad_scale if scalars.grad_scale is not None else hyper
         n_groups = len(settings.groups)
         clip = norm is not None and settings.max_grad_norm is not None
         has_scale = scalars.grad_scale is not None
         # the update's constexprs, built once per combination (a dict of 14 keys costs a few us)
-        key = (self._settings_key, tab, clip, settings.clip_value is not None, has_scale)
+        key = (self._settings_key, tab, plan.rule, clip, settings.clip_value is not None, has_scale)
         if key != self._update_key:
             self._update_key = key
             self._update_flags = dict(

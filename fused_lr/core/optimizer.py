@@ -451,6 +451,8 @@ class FusedOptimizer(Optimizer):
         row = settings.hyper[gi]
         flags, rule_cols = self.rule_row(group)
         flags |= (L.F_MAXIMIZE if group["maximize"] else 0) | (L.F_DECOUPLED if group["decoupled_weight_decay"] else 0)
+        # a group whose rule keeps a momentum buffer: derived from the state it declares
+        flags |= L.F_MOMENTUM if "momentum_buffer" in self.state_names(group) else 0
         row[:] = 0.0
         if isinstance(lr, torch.Tensor):
             settings.lr_tensors[gi] = lr
@@ -477,9 +479,10 @@ class FusedOptimizer(Optimizer):
                                f"clip_grad_value_ refuses them); use max_grad_norm")
         params = self._flat
         if self._mesh_group is not None:  # FSDP2: the local shards may move under the same DTensors
-            views = [self._view(p) for p in params]
-            if (vsig := meta.structure([views], {}, self._views_sig)) is not None:
-                self._views, self._views_sig = views, vsig
+            # fingerprinted as they are: a complex shard's real view is a new object every time
+            shards = [self._local(p) for p in params]
+            if (vsig := meta.structure([shards], {}, self._views_sig)) is not None:
+                self._views, self._views_sig = [self._view(p) for p in params], vsig
                 self._plans.clear()
         ptrs = None
         if self._direct:  # the kernels address the parameters themselves: one bulk read checks every gradient
@@ -494,9 +497,8 @@ class FusedOptimizer(Optimizer):
         if plan is None:
             plan = self._plans[mask] = self._build_plan(grads)
         if not plan.in_order or len(plan.positions) != len(grads):
-            pick = plan.positions
-            grads = [grads[i] for i in pick]
-            ptrs = None if ptrs is None else [ptrs[i] for i in pick]
+            grads = plan.pick(grads)
+            ptrs = None if ptrs is None else plan.pick(ptrs)
         plan.set_grads(grads, self._where(plan), ptrs)
         return plan, params
 
@@ -525,17 +527,18 @@ class FusedOptimizer(Optimizer):
         self._views_sig = None
         self._plans.clear()
 
+    def _local(self, t: torch.Tensor) -> torch.Tensor:
+        """A sharded DTensor's local shard, else ``t`` itself."""
+        return t._local_tensor if self._mesh_group is not None and type(t) not in _PLAIN else t
+
     def _view(self, p: torch.Tensor) -> torch.Tensor:
-        """What the step addresses for ``p``: a sharded DTensor's local shard, else ``p`` itself; a
-        complex tensor as its real view (torch's optimizers step complex parameters as
-        ``view_as_real``)."""
-        if self._mesh_group is not None and type(p) not in _PLAIN:
-            p = p._local_tensor
+        """What the step addresses for ``p``: its local shard (``_local``); a complex tensor as its
+        real view (torch's optimizers step complex parameters as ``view_as_real``)."""
+        p = self._local(p)
         return torch.view_as_real(p) if p.is_complex() else p
 
     def _grad_view(self, g: torch.Tensor) -> torch.Tensor:
-        if self._mesh_group is not None and type(g) not in _PLAIN:
-            g = g._local_tensor
+        g = self._local(g)
         return torch.view_as_real(g) if g.is_complex() and g.layout == torch.strided else g
 
     def _name(self, pos: int) -> str:

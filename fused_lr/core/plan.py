@@ -16,7 +16,9 @@ kernel backends then leave the step to the reference.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -78,6 +80,7 @@ class Plan:
     coefficients: int  # the rule's coefficient program (fused_lr/core/layout.py, program)
     positions: list[int]  # each row's index in the optimizer's flat parameter list
     in_order: bool  # positions are 0..T-1: every parameter, in the optimizer's order
+    pick: Callable[[Sequence], Sequence]  # the rows' items of a per-parameter sequence, in C (itemgetter)
     params: list[torch.Tensor]  # what the kernels address (a DTensor's local shard), row order
     group_of: np.ndarray  # int64 (T,)
     buckets: list[Bucket]
@@ -118,8 +121,9 @@ class Plan:
         table[:, L.T_GROUP] = [r[1] for r in rows]
         norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         positions = [r[0] for r in rows]
+        pick = itemgetter(*positions) if len(positions) > 1 else lambda seq, i=positions[0]: (seq[i],)
         plan = cls(device=device, rule=rule, coefficients=coefficients, positions=positions,
-                   in_order=positions == list(range(len(rows))),
+                   in_order=positions == list(range(len(rows))), pick=pick,
                    params=params,
                    group_of=table[:, L.T_GROUP].copy(), buckets=buckets, table=table, problem=problem,
                    norm_dtype=norm_dtype)

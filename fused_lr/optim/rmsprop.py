@@ -41,8 +41,7 @@ class FusedRMSprop(FusedOptimizer):
             + (("grad_avg",) if group["centered"] else ())
 
     def rule_row(self, group: dict) -> tuple[int, tuple[float, ...]]:
-        flags = (L.F_CENTERED if group["centered"] else 0) | (L.F_MOMENTUM if group["momentum"] > 0 else 0)
-        return flags, (group["alpha"], group["eps"], group["momentum"])
+        return (L.F_CENTERED if group["centered"] else 0), (group["alpha"], group["eps"], group["momentum"])
 
     @staticmethod
     def reference_rule(p, g, states, step, lr, group) -> None:

@@ -51,8 +51,7 @@ class FusedSGD(FusedOptimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def rule_row(self, group: dict) -> tuple[int, tuple[float, ...]]:
-        flags = (L.F_NESTEROV if group["nesterov"] else 0) | (L.F_MOMENTUM if group["momentum"] != 0 else 0)
-        return flags, (group["momentum"], 1.0 - group["dampening"])
+        return (L.F_NESTEROV if group["nesterov"] else 0), (group["momentum"], 1.0 - group["dampening"])
 
     @staticmethod
     def reference_rule(p, g, states, step, lr, group) -> None:
